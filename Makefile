@@ -1,0 +1,48 @@
+# The two commands a new user needs: `make run` and `make test`.
+# Both create .venv and install what they need on their own.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test test-db lint proto venv clean help
+
+help:
+	@echo "make run     start PostgreSQL (embedded unless DATABASE_URL is set) and the three services"
+	@echo "make test    run the whole test suite against a real PostgreSQL"
+	@echo "make lint    ruff, mypy, buf lint, squawk"
+	@echo "make proto   regenerate gen/ from protos/"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m services
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Only the database-layer tests (CI also runs these against the system PostgreSQL).
+test-db: $(STAMP)
+	$(PY) -m pytest -m db $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd protos && $(abspath $(BIN))/buf lint
+	$(BIN)/squawk -c .squawk.toml db/migrations/*.sql
+
+proto: $(STAMP)
+	$(PY) protos/generate.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

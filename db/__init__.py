@@ -1,0 +1,1 @@
+"""Schema migrations for the chat backend and the `python -m db` tool."""

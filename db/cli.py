@@ -1,0 +1,110 @@
+"""`python -m db`: up, down --to VERSION, status, validate.
+
+DATABASE_URL names the server; when it is unset the embedded PostgreSQL of
+`make run` (data in EMBEDDED_PGDATA) is used. Failures print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+
+from db.migrations import MigrationFileError, load_migrations
+from db.runner import MigrationError, Migrator
+from services.common.embedded import EmbeddedPostgres
+from services.common.pool import CONNECT_FAILURES, connect, describe_connect_error
+from services.common.settings import DatabaseSettings
+
+Command = Callable[[Migrator, argparse.Namespace], Awaitable[int]]
+
+
+async def _up(migrator: Migrator, args: argparse.Namespace) -> int:
+    applied = await migrator.up(args.to)
+    for migration in applied:
+        print(f"applied {migration.filename}")
+    if not applied:
+        print("database is up to date")
+    return 0
+
+
+async def _down(migrator: Migrator, args: argparse.Namespace) -> int:
+    rolled_back = await migrator.down(args.to)
+    for migration in rolled_back:
+        print(f"rolled back {migration.filename}")
+    if not rolled_back:
+        print(f"nothing to roll back (already at or below {args.to:04d})")
+    return 0
+
+
+async def _status(migrator: Migrator, args: argparse.Namespace) -> int:
+    rows = await migrator.status()
+    for row in rows:
+        state = f"applied {row.applied_at:%Y-%m-%d %H:%M:%S%z}" if row.applied_at else "pending"
+        problem = f"  !! {row.problem}" if row.problem else ""
+        print(f"{row.version:04d}  {row.name:<40} {state}{problem}")
+    return 1 if any(row.problem for row in rows) else 0
+
+
+async def _validate(migrator: Migrator, args: argparse.Namespace) -> int:
+    problems = await migrator.problems()
+    for problem in problems:
+        print(f"db: invalid: {problem}", file=sys.stderr)
+    if not problems:
+        applied = len(await migrator.applied())
+        print(f"ok: {applied} applied migration(s) match their files")
+    return 1 if problems else 0
+
+
+COMMANDS: dict[str, Command] = {
+    "up": _up,
+    "down": _down,
+    "status": _status,
+    "validate": _validate,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m db", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="apply pending migrations (to the latest by default)")
+    up.add_argument("--to", type=int, default=None, help="stop after this version")
+    down = sub.add_parser("down", help="roll back migrations newer than --to")
+    down.add_argument("--to", type=int, required=True, help="version to keep; 0 removes all")
+    sub.add_parser("status", help="list migrations and whether each is applied")
+    sub.add_parser("validate", help="check applied migrations against their files")
+    return parser
+
+
+async def run(args: argparse.Namespace, settings: DatabaseSettings) -> int:
+    migrations = load_migrations()
+    try:
+        conn = await connect(settings, application_name="chat-migrate")
+    except CONNECT_FAILURES as exc:
+        raise MigrationError(describe_connect_error(exc)) from exc
+    try:
+        return await COMMANDS[args.command](Migrator(conn, migrations), args)
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="db: %(message)s", stream=sys.stderr)
+    settings = DatabaseSettings()
+    embedded = None
+    try:
+        if settings.database_url is None:
+            embedded = EmbeddedPostgres(settings.embedded_pgdata)
+            settings = settings.with_url(embedded.start())
+        return asyncio.run(run(args, settings))
+    except (MigrationError, MigrationFileError) as exc:
+        print(f"db: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,100 @@
+"""Migration files: discovery, parsing and checksums.
+
+A migration is `db/migrations/NNNN_name.sql` holding an up part and a down part:
+
+    -- migrate:up
+    ...SQL...
+    -- migrate:down
+    ...SQL...
+
+A file whose header has `-- migrate:no-transaction` runs outside a transaction
+(for statements such as CREATE INDEX CONCURRENTLY); its statements then run one by
+one and must be safe to re-run (IF NOT EXISTS), since a failure can stop it midway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlparse
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+_FILENAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+_UP = "-- migrate:up"
+_DOWN = "-- migrate:down"
+_NO_TRANSACTION = "-- migrate:no-transaction"
+
+
+class MigrationFileError(ValueError):
+    """A migration file is malformed (name, markers) or the set is inconsistent."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+    up_sql: str
+    down_sql: str
+    transactional: bool
+    checksum: str
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+    def statements(self, direction: str) -> list[str]:
+        """The part's statements one by one (for non-transactional migrations)."""
+        sql = self.up_sql if direction == "up" else self.down_sql
+        return [s for s in (part.strip() for part in sqlparse.split(sql)) if s]
+
+
+def checksum_of(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def parse_migration(path: Path) -> Migration:
+    match = _FILENAME.match(path.name)
+    if match is None:
+        raise MigrationFileError(f"{path.name}: name must look like 0001_lower_snake_case.sql")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    markers = [i for i, line in enumerate(lines) if line.strip() in (_UP, _DOWN)]
+    kinds = [lines[i].strip() for i in markers]
+    if kinds != [_UP, _DOWN]:
+        raise MigrationFileError(
+            f"{path.name}: needs exactly one '{_UP}' line followed by one '{_DOWN}' line"
+        )
+    up_at, down_at = markers
+    header = lines[:up_at]
+    up_sql = "\n".join(lines[up_at + 1 : down_at]).strip()
+    down_sql = "\n".join(lines[down_at + 1 :]).strip()
+    if not up_sql:
+        raise MigrationFileError(f"{path.name}: the up part is empty")
+    return Migration(
+        version=int(match["version"]),
+        name=match["name"],
+        path=path,
+        up_sql=up_sql,
+        down_sql=down_sql,
+        transactional=not any(line.strip() == _NO_TRANSACTION for line in header),
+        checksum=checksum_of(text),
+    )
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """All migrations in version order; versions must run 1, 2, 3, ... without gaps."""
+    migrations = sorted(
+        (parse_migration(p) for p in directory.glob("*.sql")), key=lambda m: m.version
+    )
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise MigrationFileError(
+                f"{migration.filename}: expected version {expected:04d} "
+                "(versions are sequential, without gaps or duplicates)"
+            )
+    return migrations

@@ -1,0 +1,201 @@
+"""Applies and rolls back migrations, recording each in `schema_migrations`.
+
+Every mutating run holds a PostgreSQL advisory lock, so several runners started at
+once (three services, replicas, a `migrate` container) apply each migration once:
+the first takes the lock, the others wait for it and then find nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from db.migrations import Migration
+
+log = logging.getLogger(__name__)
+
+# Arbitrary constant naming this project's migration lock (pg_advisory_lock key).
+MIGRATION_LOCK_KEY = 0x63686174_6D696772  # "chatmigr"
+
+_CREATE_HISTORY = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer     PRIMARY KEY,
+    name        text        NOT NULL,
+    checksum    char(64)    NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    duration_ms integer     NOT NULL
+)
+"""
+
+
+class MigrationError(RuntimeError):
+    """A migration cannot be applied or rolled back; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    version: int
+    name: str
+    checksum: str
+    applied_at: datetime
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    version: int
+    name: str
+    applied_at: datetime | None
+    problem: str | None
+
+
+class Migrator:
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        migrations: list[Migration],
+        *,
+        lock_timeout: str = "10s",
+        statement_timeout: str = "15min",
+    ) -> None:
+        self._conn = conn
+        self._migrations = {m.version: m for m in migrations}
+        self._lock_timeout = lock_timeout
+        self._statement_timeout = statement_timeout
+
+    @property
+    def latest_version(self) -> int:
+        return max(self._migrations, default=0)
+
+    async def applied(self) -> list[AppliedMigration]:
+        exists = await self._conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        if not exists:
+            return []
+        rows = await self._conn.fetch(
+            "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
+        )
+        return [AppliedMigration(**dict(row)) for row in rows]
+
+    async def problems(self) -> list[str]:
+        """Applied migrations whose file is missing or was edited after it was applied."""
+        found = []
+        for record in await self.applied():
+            migration = self._migrations.get(record.version)
+            label = f"{record.version:04d}_{record.name}.sql"
+            if migration is None:
+                found.append(f"{label} was applied but its file is missing")
+            elif migration.checksum != record.checksum:
+                found.append(
+                    f"{migration.filename} was changed after it was applied "
+                    f"(recorded checksum {record.checksum[:12]}, file now "
+                    f"{migration.checksum[:12]}); restore it and add a new migration instead"
+                )
+        return found
+
+    async def status(self) -> list[StatusRow]:
+        applied = {r.version: r for r in await self.applied()}
+        problems = await self.problems()
+        rows = []
+        for version in sorted(set(self._migrations) | set(applied)):
+            migration, record = self._migrations.get(version), applied.get(version)
+            name = migration.name if migration else record.name if record else "?"
+            problem = next((p for p in problems if p.startswith(f"{version:04d}_")), None)
+            rows.append(StatusRow(version, name, record.applied_at if record else None, problem))
+        return rows
+
+    async def up(self, to: int | None = None) -> list[Migration]:
+        """Apply pending migrations up to `to` (default: the latest), in order."""
+        target = self.latest_version if to is None else to
+        if target > self.latest_version:
+            raise MigrationError(f"no migration {target:04d} (latest is {self.latest_version:04d})")
+        async with self._locked():
+            done = {r.version for r in await self.applied()}
+            pending = [
+                m for v, m in sorted(self._migrations.items()) if v <= target and v not in done
+            ]
+            for migration in pending:
+                await self._run(migration, "up")
+        return pending
+
+    async def down(self, to: int) -> list[Migration]:
+        """Roll back applied migrations newer than `to`, newest first (`to=0`: all)."""
+        if to < 0:
+            raise MigrationError("--to must be 0 or a migration version")
+        async with self._locked():
+            done = sorted((r.version for r in await self.applied()), reverse=True)
+            rolled_back = []
+            for version in (v for v in done if v > to):
+                migration = self._migrations[version]  # problems() proved the file exists
+                await self._run(migration, "down")
+                rolled_back.append(migration)
+        return rolled_back
+
+    @asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        got = await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        if not got:
+            log.info("another migration runner holds the lock; waiting for it")
+            await self._conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            await self._conn.execute(_CREATE_HISTORY)
+            problems = await self.problems()
+            if problems:
+                raise MigrationError("; ".join(problems))
+            yield
+        finally:
+            await self._conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+
+    async def _run(self, migration: Migration, direction: str) -> None:
+        started = time.perf_counter()
+        log.info("%s %s", "applying" if direction == "up" else "rolling back", migration.filename)
+        try:
+            if migration.transactional:
+                async with self._conn.transaction():
+                    await self._set_timeouts(local=True)
+                    await self._conn.execute(
+                        migration.up_sql if direction == "up" else migration.down_sql
+                    )
+                    await self._record(migration, direction, started)
+            else:
+                await self._set_timeouts(local=False)
+                for statement in migration.statements(direction):
+                    await self._conn.execute(statement)
+                await self._record(migration, direction, started)
+        except asyncpg.PostgresError as exc:
+            atomic = (
+                "nothing from it was applied"
+                if migration.transactional
+                else ("it runs outside a transaction, so earlier statements may have applied")
+            )
+            raise MigrationError(
+                f"{migration.filename} ({direction}) failed: {exc.__class__.__name__}: "
+                f"{exc}; {atomic}"
+            ) from exc
+
+    async def _set_timeouts(self, *, local: bool) -> None:
+        await self._conn.execute(
+            "SELECT set_config('lock_timeout', $1, $3), set_config('statement_timeout', $2, $3)",
+            self._lock_timeout,
+            self._statement_timeout,
+            local,
+        )
+
+    async def _record(self, migration: Migration, direction: str, started: float) -> None:
+        if direction == "up":
+            await self._conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum, duration_ms) "
+                "VALUES ($1, $2, $3, $4)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+                int((time.perf_counter() - started) * 1000),
+            )
+        else:
+            await self._conn.execute(
+                "DELETE FROM schema_migrations WHERE version = $1", migration.version
+            )

@@ -1,0 +1,119 @@
+"""`python -m services` (what `make run` runs): the whole system on one machine.
+
+Uses DATABASE_URL when set, else starts the embedded PostgreSQL with its data in
+EMBEDDED_PGDATA (default .data/postgres, kept across restarts). Applies
+migrations, then starts the three services as separate processes on their
+default ports and waits until each reports SERVING. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from db.migrations import load_migrations
+from db.runner import Migrator
+from services.common.embedded import EmbeddedPostgres
+from services.common.healthcheck import check
+from services.common.pool import CONNECT_FAILURES, connect, describe_connect_error
+from services.common.settings import DEFAULT_PORTS, DatabaseSettings
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+async def _migrate(settings: DatabaseSettings) -> None:
+    conn = await connect(settings, application_name="chat-migrate")
+    try:
+        for migration in await Migrator(conn, load_migrations()).up():
+            print(f"applied {migration.filename}")
+    finally:
+        await conn.close()
+
+
+def _start(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env)
+
+
+def _wait_serving(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    pending = dict(procs)
+    while pending:
+        for name, proc in list(pending.items()):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+            if check(f"127.0.0.1:{DEFAULT_PORTS[name]}", timeout=0.5) == "SERVING":
+                del pending[name]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not SERVING after {STARTUP_TIMEOUT_S:.0f}s: {', '.join(pending)}")
+        time.sleep(0.2)
+
+
+def _banner() -> str:
+    users, threads, messages = (DEFAULT_PORTS[n] for n in ("users", "threads", "messages"))
+    return f"""
+chat backend is up:
+  users     localhost:{users}     chat.v1.UsersService
+  threads   localhost:{threads}     chat.v1.ThreadsService
+  messages  localhost:{messages}     chat.v1.MessagesService
+
+try:
+  grpcurl -plaintext localhost:{users} list
+  grpcurl -plaintext localhost:{threads} describe chat.v1.ThreadsService
+  grpcurl -plaintext -d '{{"service":"chat.v1.MessagesService"}}' localhost:{messages} grpc.health.v1.Health/Check
+  grpcurl -plaintext -d '{{"user":{{"email":"ada@example.com","username":"ada"}}}}' localhost:{users} chat.v1.UsersService/CreateUser
+
+Ctrl-C stops everything.
+"""
+
+
+def main() -> int:
+    settings = DatabaseSettings()
+    embedded = None
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        if settings.database_url is None:
+            embedded = EmbeddedPostgres(settings.embedded_pgdata)
+            settings = settings.with_url(embedded.start())
+            print(f"embedded PostgreSQL: data in {embedded.pgdata}")
+        try:
+            asyncio.run(_migrate(settings))
+        except CONNECT_FAILURES as exc:
+            print(f"run: error: {describe_connect_error(exc)}", file=sys.stderr)
+            return 1
+        env = {**os.environ, "DATABASE_URL": settings.require_url()}
+        env.pop("GRPC_PORT", None)  # each service takes its own default port
+        # Children ignore the terminal's Ctrl-C; we stop them with SIGTERM, in order.
+        procs = {name: _start(name, env) for name in DEFAULT_PORTS}
+        _wait_serving(procs)
+        print(_banner(), flush=True)
+        while all(proc.poll() is None for proc in procs.values()):
+            time.sleep(0.5)
+        dead = [name for name, proc in procs.items() if proc.poll() is not None]
+        print(f"run: error: {', '.join(dead)} stopped unexpectedly", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", file=sys.stderr)
+        return 0
+    except RuntimeError as exc:
+        print(f"run: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup short
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Process logging: one line per event, key=value fields, to stderr."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure_logging(level: str, service: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+        force=True,
+    )

@@ -1,0 +1,151 @@
+"""The grpc.aio server bootstrap every service uses.
+
+It builds the process's pool, the server with the shared interceptor and message
+size limits, the standard health service (overall and per-service status) and
+server reflection (so `grpcurl list` / `describe` work), then serves until
+SIGTERM/SIGINT: health goes NOT_SERVING, the server stops accepting, in-flight
+RPCs get the grace period to finish, shutdown hooks run and the pool closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from services.common.interceptors import ServiceInterceptor
+from services.common.logs import configure_logging
+from services.common.pool import CONNECT_FAILURES, create_pool, describe_connect_error
+from services.common.settings import MissingDatabaseUrl, ServiceSettings
+
+log = logging.getLogger(__name__)
+
+ShutdownHook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Runtime:
+    """What a service's registration gets: settings, the pool, shutdown hooks."""
+
+    name: str
+    settings: ServiceSettings
+    pool: asyncpg.Pool
+    shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    name: str  # "users", "threads", "messages": default port, application_name
+    full_name: str  # the proto service, e.g. "chat.v1.UsersService"
+    register: Callable[[grpc.aio.Server, Runtime], Awaitable[None]]
+
+
+@dataclass
+class RunningService:
+    definition: ServiceDefinition
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    runtime: Runtime
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.runtime.settings.shutdown_grace_s if grace is None else grace
+        # Probes see NOT_SERVING first, so load balancers drain us before we stop.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for hook in reversed(self.runtime.shutdown_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        try:
+            await asyncio.wait_for(self.runtime.pool.close(), timeout=max(grace, 1.0))
+        except TimeoutError:
+            self.runtime.pool.terminate()
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def start_service(
+    definition: ServiceDefinition, settings: ServiceSettings, *, port: int | None = None
+) -> RunningService:
+    """Start serving `definition`; `port=0` picks a free port (tests)."""
+    pool = await create_pool(settings, application_name=f"chat-{definition.name}")
+    runtime = Runtime(definition.name, settings, pool)
+    try:
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(settings.token_list())],
+            options=server_options(settings),
+        )
+        await definition.register(server, runtime)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [definition.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        chosen = settings.port_for(definition.name) if port is None else port
+        bound = server.add_insecure_port(f"{settings.grpc_host}:{chosen}")
+        await server.start()
+    except BaseException:
+        await pool.close()
+        raise
+    for name in ("", definition.full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningService(definition, server, health_servicer, runtime, bound)
+
+
+async def _serve_until_signalled(definition: ServiceDefinition, settings: ServiceSettings) -> None:
+    running = await start_service(definition, settings)
+    log.info("%s serving %s on port %d", definition.name, definition.full_name, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s shutting down (grace %.1fs)", definition.name, settings.shutdown_grace_s)
+    await running.stop()
+    log.info("%s stopped", definition.name)
+
+
+def run_service(definition: ServiceDefinition) -> int:
+    """Entry point of `python -m services.<name>`: serve until signalled."""
+    try:
+        settings = ServiceSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(
+            f"{definition.name}: error: invalid setting {first['loc'][0]}: {first['msg']}",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.log_level, definition.name)
+    if not settings.token_list():
+        log.warning("AUTH_TOKENS is not set: any caller is accepted (fine for development only)")
+    try:
+        uvloop.run(_serve_until_signalled(definition, settings))
+    except MissingDatabaseUrl as exc:
+        print(f"{definition.name}: error: {exc}", file=sys.stderr)
+        return 1
+    except CONNECT_FAILURES as exc:
+        print(f"{definition.name}: error: {describe_connect_error(exc)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,84 @@
+"""Typed configuration from the environment (pydantic-settings).
+
+The environment variable names are the deployment contract: the same names work
+for local processes, `make run` and the compose stack.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Default gRPC ports, one per service (the deployment contract).
+DEFAULT_PORTS = {"users": 50051, "threads": 50052, "messages": 50053}
+
+
+class DatabaseSettings(BaseSettings):
+    """How to reach PostgreSQL and how to pool connections to it.
+
+    Pool defaults are the spec's pool config: max 20 connections, 30 s idle
+    timeout, 2 s connection timeout.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    database_url: SecretStr | None = Field(default=None, alias="DATABASE_URL")
+    pool_min_size: int = Field(default=1, ge=0, alias="DB_POOL_MIN_SIZE")
+    pool_max_size: int = Field(default=20, ge=1, le=1000, alias="DB_POOL_MAX_SIZE")
+    pool_idle_timeout_s: float = Field(default=30.0, gt=0, alias="DB_POOL_IDLE_TIMEOUT")
+    connect_timeout_s: float = Field(default=2.0, gt=0, alias="DB_CONNECT_TIMEOUT")
+    # asyncpg's per-connection prepared statement cache (the spec's "use prepared
+    # statements"): statements are prepared once per connection and reused.
+    statement_cache_size: int = Field(default=256, ge=0, alias="DB_STATEMENT_CACHE_SIZE")
+    # Where `make run` / `python -m db` keep the embedded server's data when
+    # DATABASE_URL is unset. Relative paths are taken from the working directory.
+    embedded_pgdata: str = Field(default=".data/postgres", alias="EMBEDDED_PGDATA")
+
+    def with_url(self, url: str) -> DatabaseSettings:
+        return self.model_copy(update={"database_url": SecretStr(url)})
+
+    def require_url(self) -> str:
+        if self.database_url is None:
+            raise MissingDatabaseUrl
+        return self.database_url.get_secret_value()
+
+
+class MissingDatabaseUrl(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__(
+            "DATABASE_URL is not set (use `make run` to start everything on the "
+            "embedded PostgreSQL, or set DATABASE_URL=postgresql://user@host:port/db)"
+        )
+
+
+class ServiceSettings(DatabaseSettings):
+    """Settings every gRPC service process reads at start."""
+
+    grpc_port: int | None = Field(default=None, ge=0, le=65535, alias="GRPC_PORT")
+    grpc_host: str = Field(default="[::]", alias="GRPC_HOST")
+    log_level: str = Field(default="INFO", alias="LOG_LEVEL")
+    # Comma-separated bearer tokens of the services allowed to call; unset = open.
+    auth_tokens: SecretStr | None = Field(default=None, alias="AUTH_TOKENS")
+    # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.
+    shutdown_grace_s: float = Field(default=10.0, ge=0, alias="SHUTDOWN_GRACE_PERIOD")
+    # Largest request a server accepts (bytes); larger ones get RESOURCE_EXHAUSTED.
+    max_receive_message_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, alias="GRPC_MAX_RECEIVE_MESSAGE_BYTES"
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    def port_for(self, service: str) -> int:
+        return self.grpc_port if self.grpc_port is not None else DEFAULT_PORTS[service]
+
+    def token_list(self) -> list[str]:
+        if self.auth_tokens is None:
+            return []
+        raw = self.auth_tokens.get_secret_value()
+        return [token.strip() for token in raw.split(",") if token.strip()]

@@ -1,0 +1,51 @@
+"""Request-field checks shared by every service; each failure names its field."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from services.common.errors import FieldViolation, InvalidArgument
+
+
+def parse_uuid(value: str, field: str) -> UUID:
+    """A required UUID field: empty or malformed is INVALID_ARGUMENT naming `field`."""
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidArgument.field(field, "must be a UUID") from None
+
+
+def parse_optional_uuid(value: str, field: str) -> UUID | None:
+    return parse_uuid(value, field) if value else None
+
+
+class Violations:
+    """Collects every problem with a request so one error names them all."""
+
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self._items.append(FieldViolation(field, description))
+
+    def check_length(self, value: str, field: str, *, max_len: int, min_len: int = 0) -> None:
+        if len(value) > max_len:
+            self.add(field, f"must be at most {max_len} characters")
+        elif len(value) < min_len:
+            self.add(field, f"must be at least {min_len} characters")
+
+    def check_uuid(self, value: str, field: str) -> UUID | None:
+        try:
+            return parse_uuid(value, field)
+        except InvalidArgument as err:
+            self._items.extend(err.violations)
+            return None
+
+    def raise_if_any(self) -> None:
+        if self._items:
+            raise InvalidArgument(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)

@@ -1,0 +1,1 @@
+"""The messages service: chat.v1.MessagesService."""

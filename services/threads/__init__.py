@@ -1,0 +1,1 @@
+"""The threads service: chat.v1.ThreadsService."""

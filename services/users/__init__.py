@@ -1,0 +1,1 @@
+"""The users service: chat.v1.UsersService."""

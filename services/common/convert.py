@@ -1,0 +1,35 @@
+"""Conversions between database values and protobuf well-known types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+
+def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp for a timestamptz value; None stays unset."""
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
+    """The JSON object a Struct holds (numbers come back as floats, as in JSON)."""
+    result: dict[str, Any] = json_format.MessageToDict(value)
+    return result

@@ -1,0 +1,91 @@
+"""Shared fixtures: a real PostgreSQL, per-test databases, real gRPC servers.
+
+Nothing is mocked: services run as real grpc.aio servers on loopback ports with
+their own pools, and tests talk to them through real channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.pool import create_pool
+from services.common.server import RunningService, ServiceDefinition, start_service
+from services.common.settings import ServiceSettings
+from tests.postgres import DatabaseFactory, postgres_server
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def database_factory(postgres_admin_url: str) -> AsyncIterator[DatabaseFactory]:
+    factory = DatabaseFactory(postgres_admin_url)
+    await factory.create_template()
+    yield factory
+    await factory.drop_template()
+
+
+@pytest.fixture
+async def database_url(database_factory: DatabaseFactory) -> AsyncIterator[str]:
+    """A fresh database with every migration applied, dropped after the test."""
+    url = await database_factory.create()
+    yield url
+    await database_factory.drop(url)
+
+
+@pytest.fixture
+async def empty_database_url(database_factory: DatabaseFactory) -> AsyncIterator[str]:
+    """A fresh database with no migrations applied."""
+    url = await database_factory.create(migrated=False)
+    yield url
+    await database_factory.drop(url)
+
+
+@pytest.fixture
+def service_settings(database_url: str) -> ServiceSettings:
+    return ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1")
+
+
+@pytest.fixture
+async def db_pool(service_settings: ServiceSettings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on the test database, for seeding and for checking what was written."""
+    pool = await create_pool(service_settings, application_name="chat-tests")
+    yield pool
+    await pool.close()
+
+
+async def serve(definition: ServiceDefinition, settings: ServiceSettings) -> RunningService:
+    """Start a real server for `definition` on a free loopback port."""
+    return await start_service(definition, settings, port=0)
+
+
+@asynccontextmanager
+async def running(
+    definition: ServiceDefinition, settings: ServiceSettings
+) -> AsyncIterator[tuple[RunningService, grpc.aio.Channel]]:
+    """A real server for `definition` on a free loopback port, and a channel to it."""
+    service = await serve(definition, settings)
+    channel = grpc.aio.insecure_channel(service.address)
+    try:
+        yield service, channel
+    finally:
+        await channel.close()
+        await service.stop(grace=1.0)
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> str:
+    """The standard health service's answer for `service`, as a status name."""
+    # Typed Any: the types-grpcio-health-checking stub omits the stub's methods.
+    stub: Any = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

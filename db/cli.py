@@ -11,8 +11,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from db.migrations import MigrationFileError, load_migrations
+from db.migrations import MIGRATIONS_DIR, MigrationFileError, load_migrations
 from db.runner import MigrationError, Migrator
 from services.common.embedded import EmbeddedPostgres
 from services.common.pool import CONNECT_FAILURES, connect, describe_connect_error
@@ -68,6 +69,12 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m db", description=__doc__)
+    parser.add_argument(
+        "--migrations-dir",
+        type=Path,
+        default=MIGRATIONS_DIR,
+        help="where the NNNN_name.sql files are (default: db/migrations)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="apply pending migrations (to the latest by default)")
     up.add_argument("--to", type=int, default=None, help="stop after this version")
@@ -79,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace, settings: DatabaseSettings) -> int:
-    migrations = load_migrations()
+    migrations = load_migrations(args.migrations_dir)
     try:
         conn = await connect(settings, application_name="chat-migrate")
     except CONNECT_FAILURES as exc:

@@ -1,0 +1,233 @@
+"""The shared server runtime over real sockets: errors, auth, identity, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from services.common.errors import InvalidArgument, NotFound
+from services.common.identity import caller_of
+from services.common.server import Runtime, ServiceDefinition
+from services.common.settings import ServiceSettings
+from services.common.types import Context
+from tests.conftest import health_status, running
+from tests.rpc_errors import error_info, rich_status, violated_fields
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "postgres://admin:hunter2@db.internal/prod"
+
+
+async def _probe(request: bytes, context: Context) -> bytes:
+    """One test method whose request says how to behave."""
+    if request == b"ok":
+        return b"ok"
+    if request == b"invalid":
+        raise InvalidArgument.field("name", "is required")
+    if request == b"missing":
+        raise NotFound("thread", "t-1")
+    if request == b"crash":
+        raise RuntimeError(f"connection string {SECRET}")
+    if request == b"db-down":
+        raise ConnectionRefusedError("connect call failed")
+    if request == b"whoami":
+        caller = caller_of(context)
+        return str(caller.user_id or "trusted").encode()
+    if request == b"slow":
+        await asyncio.sleep(1.0)
+        return b"done"
+    if request == b"pool":
+        pool: asyncpg.Pool = PROBE_RUNTIME[-1].pool
+        return str(await pool.fetchval("SELECT 40 + 2")).encode()
+    raise AssertionError(request)
+
+
+async def _probe_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
+    for i in range(3):
+        yield str(i).encode()
+    raise InvalidArgument.field("after", "bad cursor")
+
+
+PROBE_RUNTIME: list[Runtime] = []
+
+
+async def _register(server: grpc.aio.Server, runtime: Runtime) -> None:
+    PROBE_RUNTIME.append(runtime)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Probe",
+                {
+                    "Call": grpc.unary_unary_rpc_method_handler(_probe),
+                    "Stream": grpc.unary_stream_rpc_method_handler(_probe_stream),
+                },
+            ),
+        )
+    )
+
+
+PROBE = ServiceDefinition(name="users", full_name="test.Probe", register=_register)
+
+
+@pytest.fixture
+async def probe(
+    service_settings: ServiceSettings,
+) -> AsyncIterator[grpc.aio.Channel]:
+    async with running(PROBE, service_settings) as (_, channel):
+        yield channel
+
+
+async def call(
+    channel: grpc.aio.Channel, body: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> bytes:
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Probe/Call")
+    result: bytes = await method(body, metadata=metadata, timeout=10)
+    return result
+
+
+async def test_success_and_pool(probe: grpc.aio.Channel) -> None:
+    assert await call(probe, b"ok") == b"ok"
+    assert await call(probe, b"pool") == b"42"
+
+
+async def test_invalid_argument_names_the_field(probe: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"invalid")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {"name"}
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    assert rich_status(caught.value).code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_not_found_carries_resource_info(probe: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"missing")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "t-1" in (caught.value.details() or "")
+
+
+async def test_unexpected_error_is_internal_without_internals(
+    probe: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"crash")
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "internal error"
+    assert "hunter2" not in str(caught.value.trailing_metadata())
+    # The cause is logged, with the method, for whoever operates the service.
+    assert any("/test.Probe/Call" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_database_outage_is_unavailable(probe: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"db-down")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "DATABASE_UNAVAILABLE"
+
+
+async def test_stream_errors_are_mapped_after_items(probe: grpc.aio.Channel) -> None:
+    method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = probe.unary_stream(
+        "/test.Probe/Stream"
+    )
+    stream = method(b"", timeout=10)
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for item in stream:
+            received.append(item)
+    assert received == [b"0", b"1", b"2"]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {"after"}
+
+
+async def test_caller_identity_from_metadata(probe: grpc.aio.Channel) -> None:
+    user = "6f1c3d2e-8a4b-4c5d-9e6f-0a1b2c3d4e5f"
+    assert await call(probe, b"whoami") == b"trusted"
+    assert await call(probe, b"whoami", (("x-user-id", user),)) == user.encode()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"whoami", (("x-user-id", "not-a-uuid"),))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(caught.value) == {"x-user-id"}
+
+
+async def test_bearer_tokens_required_when_configured(database_url: str) -> None:
+    settings = ServiceSettings(
+        DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", AUTH_TOKENS="alpha, beta"
+    )
+    async with running(PROBE, settings) as (_, channel):
+        for metadata in [(), (("authorization", "Bearer gamma"),), (("authorization", "beta"),)]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(channel, b"ok", metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert await call(channel, b"ok", (("authorization", "Bearer beta"),)) == b"ok"
+        # Probes stay open so orchestrators can check health without a token.
+        assert await health_status(channel) == "SERVING"
+
+
+async def test_in_flight_call_finishes_during_graceful_stop(
+    service_settings: ServiceSettings,
+) -> None:
+    async with running(PROBE, service_settings) as (service, channel):
+        in_flight = asyncio.ensure_future(call(channel, b"slow"))
+        await asyncio.sleep(0.2)  # let the call reach the server
+        await service.stop(grace=5.0)
+        assert await in_flight == b"done"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(channel, b"ok")
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _service_env(database_url: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": database_url, **extra}
+
+
+async def test_service_process_serves_and_stops_on_sigterm(database_url: str) -> None:
+    port = "0"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.threads",
+        cwd=REPO,
+        env=_service_env(database_url, GRPC_PORT=port, GRPC_HOST="127.0.0.1", LOG_LEVEL="INFO"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    bound = None
+    while bound is None:  # the start-up line names the port it bound
+        line = (await asyncio.wait_for(proc.stderr.readline(), timeout=60)).decode()
+        assert line, "service exited before serving"
+        if "serving chat.v1.ThreadsService on port" in line:
+            bound = int(line.rsplit(" ", 1)[1])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{bound}") as channel:
+        assert await health_status(channel, "chat.v1.ThreadsService") == "SERVING"
+    proc.send_signal(signal.SIGTERM)
+    rest = await asyncio.wait_for(proc.stderr.read(), timeout=60)
+    assert await proc.wait() == 0
+    assert b"threads stopped" in rest
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://nobody@127.0.0.1:1/chat", "not a url"],
+)
+def test_service_with_unreachable_database_exits_with_one_line(url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.users"],
+        cwd=REPO,
+        env=_service_env(url, GRPC_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("users: error: ")
+    assert "Traceback" not in result.stderr

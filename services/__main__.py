@@ -8,6 +8,7 @@ default ports and waits until each reports SERVING. Ctrl-C stops everything.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -34,33 +35,35 @@ async def _migrate(settings: DatabaseSettings) -> None:
         await conn.close()
 
 
-def _start(name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env)
+def _start(name: str, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"services.{name}"], env={**env, "GRPC_PORT": str(port)}
+    )
 
 
-def _wait_serving(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+def _wait_serving(procs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     pending = dict(procs)
     while pending:
         for name, proc in list(pending.items()):
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
-            if check(f"127.0.0.1:{DEFAULT_PORTS[name]}", timeout=0.5) == "SERVING":
+            if check(f"127.0.0.1:{ports[name]}", timeout=0.5) == "SERVING":
                 del pending[name]
         if time.monotonic() > deadline:
             raise RuntimeError(f"not SERVING after {STARTUP_TIMEOUT_S:.0f}s: {', '.join(pending)}")
         time.sleep(0.2)
 
 
-def _banner() -> str:
-    users, threads, messages = (DEFAULT_PORTS[n] for n in ("users", "threads", "messages"))
+def _banner(ports: dict[str, int]) -> str:
+    users, threads, messages = (ports[n] for n in ("users", "threads", "messages"))
     return f"""
 chat backend is up:
   users     localhost:{users}     chat.v1.UsersService
   threads   localhost:{threads}     chat.v1.ThreadsService
   messages  localhost:{messages}     chat.v1.MessagesService
 
-try:
+try (grpcurl is installed in .venv/bin):
   grpcurl -plaintext localhost:{users} list
   grpcurl -plaintext localhost:{threads} describe chat.v1.ThreadsService
   grpcurl -plaintext -d '{{"service":"chat.v1.MessagesService"}}' localhost:{messages} grpc.health.v1.Health/Check
@@ -70,7 +73,25 @@ Ctrl-C stops everything.
 """
 
 
-def main() -> int:
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops everything the way Ctrl-C does
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services", description=__doc__)
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="add this to every default port (to run a second stack beside the first)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    ports = {name: port + args.port_offset for name, port in DEFAULT_PORTS.items()}
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = DatabaseSettings()
     embedded = None
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -85,11 +106,9 @@ def main() -> int:
             print(f"run: error: {describe_connect_error(exc)}", file=sys.stderr)
             return 1
         env = {**os.environ, "DATABASE_URL": settings.require_url()}
-        env.pop("GRPC_PORT", None)  # each service takes its own default port
-        # Children ignore the terminal's Ctrl-C; we stop them with SIGTERM, in order.
-        procs = {name: _start(name, env) for name in DEFAULT_PORTS}
-        _wait_serving(procs)
-        print(_banner(), flush=True)
+        procs = {name: _start(name, env, port) for name, port in ports.items()}
+        _wait_serving(procs, ports)
+        print(_banner(ports), flush=True)
         while all(proc.poll() is None for proc in procs.values()):
             time.sleep(0.5)
         dead = [name for name, proc in procs.items() if proc.poll() is not None]

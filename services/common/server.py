@@ -148,4 +148,7 @@ def run_service(definition: ServiceDefinition) -> int:
     except CONNECT_FAILURES as exc:
         print(f"{definition.name}: error: {describe_connect_error(exc)}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        print(f"{definition.name}: error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -215,13 +215,16 @@ async def test_service_process_serves_and_stops_on_sigterm(database_url: str) ->
 
 @pytest.mark.parametrize(
     "url",
-    ["postgresql://nobody@127.0.0.1:1/chat", "not a url"],
+    ["postgresql://nobody@127.0.0.1:1/chat", "not a url", ""],
 )
 def test_service_with_unreachable_database_exits_with_one_line(url: str) -> None:
+    env = _service_env(url, GRPC_PORT="0")
+    if not url:
+        del env["DATABASE_URL"]
     result = subprocess.run(
         [sys.executable, "-m", "services.users"],
         cwd=REPO,
-        env=_service_env(url, GRPC_PORT="0"),
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,

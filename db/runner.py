@@ -152,7 +152,7 @@ class Migrator:
 
     async def _run(self, migration: Migration, direction: str) -> None:
         started = time.perf_counter()
-        log.info("%s %s", "applying" if direction == "up" else "rolling back", migration.filename)
+        log.debug("%s %s", "applying" if direction == "up" else "rolling back", migration.filename)
         try:
             if migration.transactional:
                 async with self._conn.transaction():

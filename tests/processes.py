@@ -1,0 +1,79 @@
+"""Services as separate OS processes (`python -m services.<name>`), for tests.
+
+Each process binds a free port (GRPC_PORT=0) and names it in its start-up log
+line; the rest of its log is drained in the background (and kept for failure
+messages) so a chatty service never blocks on a full pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_SERVING = re.compile(rb"serving chat\.v1\.\w+ on port (\d+)")
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: asyncio.subprocess.Process
+    port: int
+    log: list[str] = field(default_factory=list)
+    _drain: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        code = await asyncio.wait_for(self.process.wait(), timeout=60)
+        if self._drain is not None:
+            await self._drain
+        return code
+
+
+async def start_service_process(name: str, database_url: str, **env: str) -> ServiceProcess:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        f"services.{name}",
+        cwd=REPO,
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "GRPC_PORT": "0",
+            "GRPC_HOST": "127.0.0.1",
+            **env,
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    log: list[str] = []
+    port = None
+    while port is None:
+        line = await asyncio.wait_for(proc.stderr.readline(), timeout=START_TIMEOUT_S)
+        if not line:
+            await proc.wait()
+            raise RuntimeError(f"{name} exited ({proc.returncode}) before serving:\n{''.join(log)}")
+        log.append(line.decode(errors="replace"))
+        match = _SERVING.search(line)
+        if match:
+            port = int(match.group(1))
+    service = ServiceProcess(name, proc, port, log)
+
+    async def drain() -> None:
+        assert proc.stderr is not None
+        async for line in proc.stderr:
+            log.append(line.decode(errors="replace"))
+
+    service._drain = asyncio.create_task(drain())
+    return service

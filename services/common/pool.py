@@ -20,8 +20,15 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
+    # A pooled connection whose server went away mid-operation can surface as
+    # "cannot switch to state N" on its next use (MagicStack/asyncpg#1069); the
+    # pool replaces it, so for callers it is an outage, not a bug.
+    asyncpg.InternalClientError,
 )
 
+
+# What a query can raise when the database is down or refusing: health probes.
+QUERY_FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 # Everything opening a connection can raise for a bad URL or an unreachable,
 # misconfigured or refusing server: reported as one line by the command-line tools.

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from services.common.db_health import DatabaseHealthWatch
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.pool import CONNECT_FAILURES, create_pool, describe_connect_error
@@ -57,6 +58,8 @@ class RunningService:
     health: health.aio.HealthServicer
     runtime: Runtime
     port: int
+    database_watch: DatabaseHealthWatch
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -67,6 +70,9 @@ class RunningService:
         # Probes see NOT_SERVING first, so load balancers drain us before we stop.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         for hook in reversed(self.runtime.shutdown_hooks):
             try:
                 await hook()
@@ -108,9 +114,20 @@ async def start_service(
     except BaseException:
         await pool.close()
         raise
-    for name in ("", definition.full_name):
+    names = ("", definition.full_name)
+    for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningService(definition, server, health_servicer, runtime, bound)
+    watch = DatabaseHealthWatch(
+        pool,
+        health_servicer,
+        names,
+        interval_s=settings.health_check_interval_s,
+        timeout_s=settings.health_check_timeout_s,
+        threshold=settings.health_failure_threshold,
+    )
+    running = RunningService(definition, server, health_servicer, runtime, bound, watch)
+    running.background.append(asyncio.create_task(watch.run(), name="database-health"))
+    return running
 
 
 async def _serve_until_signalled(definition: ServiceDefinition, settings: ServiceSettings) -> None:

@@ -66,6 +66,12 @@ class ServiceSettings(DatabaseSettings):
         default=4 * 1024 * 1024, ge=1024, alias="GRPC_MAX_RECEIVE_MESSAGE_BYTES"
     )
 
+    # Health follows the database: SELECT 1 every interval; NOT_SERVING after
+    # `threshold` consecutive failures, SERVING again on the first success.
+    health_check_interval_s: float = Field(default=5.0, gt=0, alias="HEALTH_CHECK_INTERVAL")
+    health_check_timeout_s: float = Field(default=2.0, gt=0, alias="HEALTH_CHECK_TIMEOUT")
+    health_failure_threshold: int = Field(default=3, ge=1, alias="HEALTH_FAILURE_THRESHOLD")
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

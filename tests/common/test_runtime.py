@@ -10,71 +10,15 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 
-from services.common.errors import InvalidArgument, NotFound
-from services.common.identity import caller_of
-from services.common.server import Runtime, ServiceDefinition
 from services.common.settings import ServiceSettings
-from services.common.types import Context
 from tests.conftest import health_status, running
+from tests.probe_service import PROBE, call
 from tests.rpc_errors import error_info, rich_status, violated_fields
 
 REPO = Path(__file__).resolve().parents[2]
-SECRET = "postgres://admin:hunter2@db.internal/prod"
-
-
-async def _probe(request: bytes, context: Context) -> bytes:
-    """One test method whose request says how to behave."""
-    if request == b"ok":
-        return b"ok"
-    if request == b"invalid":
-        raise InvalidArgument.field("name", "is required")
-    if request == b"missing":
-        raise NotFound("thread", "t-1")
-    if request == b"crash":
-        raise RuntimeError(f"connection string {SECRET}")
-    if request == b"db-down":
-        raise ConnectionRefusedError("connect call failed")
-    if request == b"whoami":
-        caller = caller_of(context)
-        return str(caller.user_id or "trusted").encode()
-    if request == b"slow":
-        await asyncio.sleep(1.0)
-        return b"done"
-    if request == b"pool":
-        pool: asyncpg.Pool = PROBE_RUNTIME[-1].pool
-        return str(await pool.fetchval("SELECT 40 + 2")).encode()
-    raise AssertionError(request)
-
-
-async def _probe_stream(request: bytes, context: Context) -> AsyncIterator[bytes]:
-    for i in range(3):
-        yield str(i).encode()
-    raise InvalidArgument.field("after", "bad cursor")
-
-
-PROBE_RUNTIME: list[Runtime] = []
-
-
-async def _register(server: grpc.aio.Server, runtime: Runtime) -> None:
-    PROBE_RUNTIME.append(runtime)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Probe",
-                {
-                    "Call": grpc.unary_unary_rpc_method_handler(_probe),
-                    "Stream": grpc.unary_stream_rpc_method_handler(_probe_stream),
-                },
-            ),
-        )
-    )
-
-
-PROBE = ServiceDefinition(name="users", full_name="test.Probe", register=_register)
 
 
 @pytest.fixture
@@ -83,14 +27,6 @@ async def probe(
 ) -> AsyncIterator[grpc.aio.Channel]:
     async with running(PROBE, service_settings) as (_, channel):
         yield channel
-
-
-async def call(
-    channel: grpc.aio.Channel, body: bytes, metadata: tuple[tuple[str, str], ...] = ()
-) -> bytes:
-    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Probe/Call")
-    result: bytes = await method(body, metadata=metadata, timeout=10)
-    return result
 
 
 async def test_success_and_pool(probe: grpc.aio.Channel) -> None:

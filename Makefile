@@ -8,12 +8,13 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-db lint proto venv clean help
+.PHONY: run test test-db test-compose lint proto venv clean help
 
 help:
 	@echo "make run     start PostgreSQL (embedded unless DATABASE_URL is set) and the three services"
 	@echo "make test    run the whole test suite against a real PostgreSQL"
 	@echo "make lint    ruff, mypy, buf lint, squawk"
+	@echo "make test-compose  the integration suite against the docker compose stack"
 	@echo "make proto   regenerate gen/ from protos/"
 
 venv: $(STAMP)
@@ -33,6 +34,12 @@ test: $(STAMP)
 # Only the database-layer tests (CI also runs these against the system PostgreSQL).
 test-db: $(STAMP)
 	$(PY) -m pytest -m db $(PYTEST_ARGS)
+
+# The integration suite against the docker compose stack (needs a Docker engine;
+# with no registry: ../shared/docker/standin-images.sh, then
+# POSTGRES_IMAGE=local/postgres:15 PYTHON_IMAGE=local/python:3.11 make test-compose).
+test-compose: $(STAMP)
+	$(PY) -m tests.integration.compose $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

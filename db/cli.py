@@ -1,4 +1,4 @@
-"""`python -m db`: up, down --to VERSION, status, validate.
+"""`python -m db`: up, down --to VERSION, status, validate, stats.
 
 DATABASE_URL names the server; when it is unset the embedded PostgreSQL of
 `make run` (data in EMBEDDED_PGDATA) is used. Failures print one line and exit 1.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from db.migrations import MIGRATIONS_DIR, MigrationFileError, load_migrations
 from db.runner import MigrationError, Migrator
+from db.stats import collect_stats, format_stats
 from services.common.embedded import EmbeddedPostgres
 from services.common.pool import CONNECT_FAILURES, connect, describe_connect_error
 from services.common.settings import DatabaseSettings
@@ -59,11 +60,17 @@ async def _validate(migrator: Migrator, args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+async def _stats(migrator: Migrator, args: argparse.Namespace) -> int:
+    print(format_stats(await collect_stats(migrator.connection)))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "up": _up,
     "down": _down,
     "status": _status,
     "validate": _validate,
+    "stats": _stats,
 }
 
 
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--to", type=int, required=True, help="version to keep; 0 removes all")
     sub.add_parser("status", help="list migrations and whether each is applied")
     sub.add_parser("validate", help="check applied migrations against their files")
+    sub.add_parser("stats", help="index usage, cache hit ratio, connections, sizes, slow queries")
     return parser
 
 

@@ -69,6 +69,10 @@ class Migrator:
         self._statement_timeout = statement_timeout
 
     @property
+    def connection(self) -> asyncpg.Connection:
+        return self._conn
+
+    @property
     def latest_version(self) -> int:
         return max(self._migrations, default=0)
 

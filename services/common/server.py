@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 import asyncpg
 import grpc
 import uvloop
+from chat.v1 import admin_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from services.common.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
+from services.common.admin import AdminServicer
 from services.common.db_health import DatabaseHealthWatch
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
@@ -103,10 +106,17 @@ async def start_service(
             options=server_options(settings),
         )
         await definition.register(server, runtime)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(pool), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            [definition.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [
+                definition.full_name,
+                ADMIN_SERVICE_NAME,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ],
+            server,
         )
         chosen = settings.port_for(definition.name) if port is None else port
         bound = server.add_insecure_port(f"{settings.grpc_host}:{chosen}")

@@ -21,9 +21,10 @@ from db.runner import Migrator
 from services.common.embedded import EmbeddedPostgres
 from services.common.healthcheck import check
 from services.common.pool import CONNECT_FAILURES, connect, describe_connect_error
-from services.common.settings import DEFAULT_PORTS, DatabaseSettings
+from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, DatabaseSettings
 
 STARTUP_TIMEOUT_S = 30.0
+METRICS_DELTA = DEFAULT_METRICS_PORTS["users"] - DEFAULT_PORTS["users"]
 
 
 async def _migrate(settings: DatabaseSettings) -> None:
@@ -35,10 +36,11 @@ async def _migrate(settings: DatabaseSettings) -> None:
         await conn.close()
 
 
-def _start(name: str, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", f"services.{name}"], env={**env, "GRPC_PORT": str(port)}
-    )
+def _start(name: str, env: dict[str, str], offset: int) -> subprocess.Popen[bytes]:
+    ports = {"GRPC_PORT": str(DEFAULT_PORTS[name] + offset)}
+    if env.get("METRICS_PORT") != "0":  # 0 turns metrics off everywhere
+        ports["METRICS_PORT"] = str(DEFAULT_METRICS_PORTS[name] + offset)
+    return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env={**env, **ports})
 
 
 def _wait_serving(procs: dict[str, subprocess.Popen[bytes]], ports: dict[str, int]) -> None:
@@ -62,6 +64,7 @@ chat backend is up:
   users     localhost:{users}     chat.v1.UsersService
   threads   localhost:{threads}     chat.v1.ThreadsService
   messages  localhost:{messages}     chat.v1.MessagesService
+  metrics   http://localhost:{users + METRICS_DELTA}/metrics (users; threads and messages follow)
 
 try (grpcurl is installed in .venv/bin):
   grpcurl -plaintext localhost:{users} list
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run: error: {describe_connect_error(exc)}", file=sys.stderr)
             return 1
         env = {**os.environ, "DATABASE_URL": settings.require_url()}
-        procs = {name: _start(name, env, port) for name, port in ports.items()}
+        procs = {name: _start(name, env, args.port_offset) for name in ports}
         _wait_serving(procs, ports)
         print(_banner(ports), flush=True)
         while all(proc.poll() is None for proc in procs.values()):

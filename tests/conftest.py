@@ -53,7 +53,8 @@ async def empty_database_url(database_factory: DatabaseFactory) -> AsyncIterator
 
 @pytest.fixture
 def service_settings(database_url: str) -> ServiceSettings:
-    return ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1")
+    # METRICS_PORT=0: many servers share this test process; metrics tests opt in.
+    return ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
 
 
 @pytest.fixture

@@ -14,9 +14,11 @@ import grpc
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import caller_of
+from services.common.queries import named
 from services.common.server import Runtime, ServiceDefinition
 from services.common.types import Context
 
+ANSWER_SQL = named("probe.answer", "SELECT 40 + 2")
 SECRET = "postgres://admin:hunter2@db.internal/prod"
 
 
@@ -40,7 +42,7 @@ async def _probe(request: bytes, context: Context) -> bytes:
         return b"done"
     if request == b"pool":
         pool: asyncpg.Pool = PROBE_RUNTIME[-1].pool
-        return str(await pool.fetchval("SELECT 40 + 2")).encode()
+        return str(await pool.fetchval(ANSWER_SQL)).encode()
     raise AssertionError(request)
 
 

@@ -52,6 +52,7 @@ async def start_service_process(name: str, database_url: str, **env: str) -> Ser
             "DATABASE_URL": database_url,
             "GRPC_PORT": "0",
             "GRPC_HOST": "127.0.0.1",
+            "METRICS_PORT": "0",
             **env,
         },
         stderr=asyncio.subprocess.PIPE,

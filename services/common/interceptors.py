@@ -24,6 +24,7 @@ from services.common.errors import (
     Unavailable,
     Unimplemented,
 )
+from services.common.metrics import observe_rpc
 from services.common.pool import CONNECTION_ERRORS
 from services.common.types import Context
 
@@ -182,7 +183,9 @@ def _log_rpc(
     quiet: bool,
 ) -> None:
     """One line per RPC; probes (health, reflection) only at DEBUG."""
-    elapsed_ms = (time.perf_counter() - started) * 1000
+    elapsed = time.perf_counter() - started
+    observe_rpc(method, code.name, elapsed)
+    elapsed_ms = elapsed * 1000
     if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
         level = logging.ERROR
     else:

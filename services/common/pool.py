@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from services.common.metrics import observe_query
 from services.common.settings import DatabaseSettings
 
 # Failures that mean "the database cannot be reached right now" rather than a bug:
@@ -54,6 +55,8 @@ def describe_connect_error(exc: BaseException) -> str:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Every query's execution time goes to the metrics, by statement name.
+    conn.add_query_logger(observe_query)
     # JSONB columns come back as Python objects, and go in from them.
     await conn.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"

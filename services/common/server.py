@@ -29,6 +29,7 @@ from services.common.admin import AdminServicer
 from services.common.db_health import DatabaseHealthWatch
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint
 from services.common.pool import CONNECT_FAILURES, create_pool, describe_connect_error
 from services.common.settings import MissingDatabaseUrl, ServiceSettings
 
@@ -62,6 +63,7 @@ class RunningService:
     runtime: Runtime
     port: int
     database_watch: DatabaseHealthWatch
+    metrics: MetricsEndpoint | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -85,6 +87,8 @@ class RunningService:
             await asyncio.wait_for(self.runtime.pool.close(), timeout=max(grace, 1.0))
         except TimeoutError:
             self.runtime.pool.terminate()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -136,6 +140,9 @@ async def start_service(
         threshold=settings.health_failure_threshold,
     )
     running = RunningService(definition, server, health_servicer, runtime, bound, watch)
+    metrics_port = settings.metrics_port_for(definition.name)
+    if metrics_port:
+        running.metrics = MetricsEndpoint(metrics_port, pool)
     running.background.append(asyncio.create_task(watch.run(), name="database-health"))
     return running
 

@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Default gRPC ports, one per service (the deployment contract).
 DEFAULT_PORTS = {"users": 50051, "threads": 50052, "messages": 50053}
+# Default Prometheus /metrics ports, one per service.
+DEFAULT_METRICS_PORTS = {"users": 9101, "threads": 9102, "messages": 9103}
 
 
 class DatabaseSettings(BaseSettings):
@@ -79,6 +81,14 @@ class ServiceSettings(DatabaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    # Prometheus /metrics port; unset = the service's default, 0 = off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, alias="METRICS_PORT")
+
+    def metrics_port_for(self, service: str) -> int:
+        if self.metrics_port is not None:
+            return self.metrics_port
+        return DEFAULT_METRICS_PORTS[service]
 
     def port_for(self, service: str) -> int:
         return self.grpc_port if self.grpc_port is not None else DEFAULT_PORTS[service]

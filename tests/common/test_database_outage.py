@@ -38,6 +38,7 @@ async def test_not_serving_while_database_is_down_then_recovers_without_restart(
             HEALTH_CHECK_INTERVAL=0.1,
             HEALTH_FAILURE_THRESHOLD=2,
             DB_POOL_MIN_SIZE=2,
+            METRICS_PORT=0,
         )
         async with running(PROBE, settings) as (_, channel):
             assert await call(channel, b"pool") == b"42"

@@ -95,7 +95,7 @@ async def test_caller_identity_from_metadata(probe: grpc.aio.Channel) -> None:
 
 async def test_bearer_tokens_required_when_configured(database_url: str) -> None:
     settings = ServiceSettings(
-        DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", AUTH_TOKENS="alpha, beta"
+        DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", AUTH_TOKENS="alpha, beta", METRICS_PORT=0
     )
     async with running(PROBE, settings) as (_, channel):
         for metadata in [(), (("authorization", "Bearer gamma"),), (("authorization", "beta"),)]:
@@ -121,7 +121,7 @@ async def test_in_flight_call_finishes_during_graceful_stop(
 
 
 def _service_env(database_url: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": database_url, **extra}
+    return {**os.environ, "DATABASE_URL": database_url, "METRICS_PORT": "0", **extra}
 
 
 async def test_service_process_serves_and_stops_on_sigterm(database_url: str) -> None:

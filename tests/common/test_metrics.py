@@ -1,0 +1,45 @@
+"""Prometheus metrics of a running service, scraped over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.settings import ServiceSettings
+from tests.conftest import running
+from tests.probe_service import PROBE, call
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        body: bytes = reply.read()
+        return body.decode()
+
+
+async def test_rpc_query_and_pool_series(database_url: str) -> None:
+    port = _free_port()
+    settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=port)
+    async with running(PROBE, settings) as (_, channel):
+        assert await call(channel, b"pool") == b"42"
+        text = await asyncio.to_thread(_scrape, port)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    rpc = ("chat_rpc_duration_seconds_count", (("code", "OK"), ("method", "/test.Probe/Call")))
+    query = ("chat_db_query_duration_seconds_count", (("outcome", "ok"), ("query", "probe.answer")))
+    assert samples[rpc] >= 1
+    assert samples[query] >= 1
+    assert samples[("chat_db_pool_connections", (("state", "max"),))] == 20
+    assert samples[("chat_db_pool_waiting", ())] == 0

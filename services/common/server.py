@@ -142,7 +142,11 @@ async def start_service(
     running = RunningService(definition, server, health_servicer, runtime, bound, watch)
     metrics_port = settings.metrics_port_for(definition.name)
     if metrics_port:
-        running.metrics = MetricsEndpoint(metrics_port, pool)
+        try:
+            running.metrics = MetricsEndpoint(metrics_port, pool)
+        except OSError as exc:
+            # Serving traffic matters more than exposing metrics: say so loudly, go on.
+            log.error("metrics endpoint not started on port %d: %s", metrics_port, exc)
     running.background.append(asyncio.create_task(watch.run(), name="database-health"))
     return running
 

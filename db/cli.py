@@ -1,4 +1,4 @@
-"""`python -m db`: up, down --to VERSION, status, validate, stats.
+"""`python -m db`: up, down --to VERSION, status, validate, stats, archive, restore.
 
 DATABASE_URL names the server; when it is unset the embedded PostgreSQL of
 `make run` (data in EMBEDDED_PGDATA) is used. Failures print one line and exit 1.
@@ -9,10 +9,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
+from uuid import UUID
 
+import asyncpg
+
+from db.archive import (
+    DEFAULT_BATCH_MESSAGES,
+    ArchiveError,
+    ArchiveProgress,
+    archive_older_than,
+    count_archivable,
+    restore_thread,
+)
 from db.migrations import MIGRATIONS_DIR, MigrationFileError, load_migrations
 from db.runner import MigrationError, Migrator
 from db.stats import collect_stats, format_stats
@@ -65,12 +78,61 @@ async def _stats(migrator: Migrator, args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """`90d`, `12h`, `2w`, ... as a timedelta."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError("expected a number and a unit: 30s, 15m, 12h, 90d, 2w")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+async def _archive(migrator: Migrator, args: argparse.Namespace) -> int:
+    conn = migrator.connection
+    cutoff = await conn.fetchval("SELECT now() - $1::interval", args.older_than)
+    if args.dry_run:
+        threads, messages = await count_archivable(conn, cutoff)
+        print(
+            f"dry run: would archive {threads} thread(s) with {messages} message(s) "
+            f"inactive since {cutoff:%Y-%m-%d %H:%M:%S%z}"
+        )
+        return 0
+
+    def report(progress: ArchiveProgress) -> None:
+        print(
+            f"batch {progress.batches}: {progress.threads} thread(s), "
+            f"{progress.messages} message(s) archived so far",
+            flush=True,
+        )
+
+    done = await archive_older_than(conn, cutoff, batch_messages=args.batch, on_batch=report)
+    print(
+        f"archived {done.threads} thread(s) with {done.messages} message(s) "
+        f"in {done.batches} batch(es)"
+    )
+    return 0
+
+
+async def _restore(migrator: Migrator, args: argparse.Namespace) -> int:
+    try:
+        messages = await restore_thread(migrator.connection, args.thread)
+    except ArchiveError as exc:
+        raise MigrationError(str(exc)) from exc
+    print(f"restored thread {args.thread} with {messages} message(s)")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "up": _up,
     "down": _down,
     "status": _status,
     "validate": _validate,
     "stats": _stats,
+    "archive": _archive,
+    "restore": _restore,
 }
 
 
@@ -90,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="list migrations and whether each is applied")
     sub.add_parser("validate", help="check applied migrations against their files")
     sub.add_parser("stats", help="index usage, cache hit ratio, connections, sizes, slow queries")
+    archive = sub.add_parser("archive", help="move threads inactive for a while to the archive")
+    archive.add_argument("--older-than", type=parse_age, required=True, help="e.g. 90d, 12h")
+    archive.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH_MESSAGES,
+        help="messages per transaction (whole threads; at least one thread per batch)",
+    )
+    archive.add_argument("--dry-run", action="store_true", help="only count what would move")
+    restore = sub.add_parser("restore", help="bring an archived thread back exactly")
+    restore.add_argument("--thread", type=UUID, required=True, help="the thread's id")
     return parser
 
 
@@ -117,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run(args, settings))
     except (MigrationError, MigrationFileError) as exc:
         print(f"db: error: {exc}", file=sys.stderr)
+        return 1
+    except asyncpg.PostgresError as exc:  # e.g. archive before its migration is applied
+        print(f"db: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

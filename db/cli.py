@@ -1,4 +1,4 @@
-"""`python -m db`: up, down --to VERSION, status, validate, stats, archive, restore.
+"""`python -m db`: up, down --to VERSION, status, validate, stats, archive, restore, maintain.
 
 DATABASE_URL names the server; when it is unset the embedded PostgreSQL of
 `make run` (data in EMBEDDED_PGDATA) is used. Failures print one line and exit 1.
@@ -26,6 +26,7 @@ from db.archive import (
     count_archivable,
     restore_thread,
 )
+from db.maintenance import DEFAULT_BLOAT_THRESHOLD, DEFAULT_MIN_INDEX_BYTES, maintain
 from db.migrations import MIGRATIONS_DIR, MigrationFileError, load_migrations
 from db.runner import MigrationError, Migrator
 from db.stats import collect_stats, format_stats
@@ -125,6 +126,21 @@ async def _restore(migrator: Migrator, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _maintain(migrator: Migrator, args: argparse.Namespace) -> int:
+    report = await maintain(
+        migrator.connection,
+        threshold=args.bloat_threshold,
+        min_index_bytes=args.min_index_bytes,
+        dry_run=args.dry_run,
+        say=lambda line: print(line, flush=True),
+    )
+    print("index bloat estimates (table, index, bytes, estimated waste)")
+    for item in report.bloat:
+        print(f"  {item.table:<30} {item.index:<44} {item.actual_bytes:>12} {item.ratio:>6.0%}")
+    print(f"rebuilt {len(report.rebuilt)} index(es)" + (" (dry run)" if args.dry_run else ""))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "up": _up,
     "down": _down,
@@ -133,6 +149,7 @@ COMMANDS: dict[str, Command] = {
     "stats": _stats,
     "archive": _archive,
     "restore": _restore,
+    "maintain": _maintain,
 }
 
 
@@ -161,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages per transaction (whole threads; at least one thread per batch)",
     )
     archive.add_argument("--dry-run", action="store_true", help="only count what would move")
+    maintenance = sub.add_parser("maintain", help="VACUUM (ANALYZE), bloat report, REINDEX")
+    maintenance.add_argument(
+        "--bloat-threshold",
+        type=float,
+        default=DEFAULT_BLOAT_THRESHOLD,
+        help="rebuild indexes with at least this estimated waste (0..1, default 0.3)",
+    )
+    maintenance.add_argument(
+        "--min-index-bytes",
+        type=int,
+        default=DEFAULT_MIN_INDEX_BYTES,
+        help="never rebuild indexes smaller than this (default 1 MiB)",
+    )
+    maintenance.add_argument("--dry-run", action="store_true", help="report only")
     restore = sub.add_parser("restore", help="bring an archived thread back exactly")
     restore.add_argument("--thread", type=UUID, required=True, help="the thread's id")
     return parser

@@ -23,6 +23,8 @@ CHAT_TABLES = (
     "message_attachments",
     "archived_messages",
     "archived_threads",
+    "archived_thread_participants",
+    "archived_message_attachments",
 )
 SLOWEST_STATEMENTS = 10
 

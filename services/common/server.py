@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -98,6 +99,20 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from TLS_CERT_FILE/TLS_KEY_FILE (and TLS_CLIENT_CA_FILE for mTLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    chain = Path(settings.tls_cert_file).read_bytes()
+    client_ca = (
+        Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 async def start_service(
     definition: ServiceDefinition, settings: ServiceSettings, *, port: int | None = None
 ) -> RunningService:
@@ -123,7 +138,12 @@ async def start_service(
             server,
         )
         chosen = settings.port_for(definition.name) if port is None else port
-        bound = server.add_insecure_port(f"{settings.grpc_host}:{chosen}")
+        address = f"{settings.grpc_host}:{chosen}"
+        credentials = server_credentials(settings)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
         await server.start()
     except BaseException:
         await pool.close()

@@ -6,7 +6,7 @@ for local processes, `make run` and the compose stack.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Default gRPC ports, one per service (the deployment contract).
@@ -81,6 +81,20 @@ class ServiceSettings(DatabaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    # TLS: serve TLS with this certificate and key; with a client CA, require and
+    # verify client certificates (mTLS between internal services).
+    tls_cert_file: str | None = Field(default=None, alias="TLS_CERT_FILE")
+    tls_key_file: str | None = Field(default=None, alias="TLS_KEY_FILE")
+    tls_client_ca_file: str | None = Field(default=None, alias="TLS_CLIENT_CA_FILE")
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+        return self
 
     # Prometheus /metrics port; unset = the service's default, 0 = off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535, alias="METRICS_PORT")

@@ -1,7 +1,14 @@
--- Placeholder reserved for its service issue; replaced before it is applied anywhere.
+-- ListUsers' case-insensitive prefix search covers username, email, first and
+-- last name. Username and email are served by idx_users_username / idx_users_email
+-- (0001); these two serve the names. text_pattern_ops: byte-wise range scans for
+-- prefixes under any collation.
 
 -- migrate:up
-SELECT 1;
+
+CREATE INDEX idx_users_first_name ON users (lower(first_name) text_pattern_ops);
+CREATE INDEX idx_users_last_name ON users (lower(last_name) text_pattern_ops);
 
 -- migrate:down
-SELECT 1;
+
+DROP INDEX idx_users_last_name;
+DROP INDEX idx_users_first_name;

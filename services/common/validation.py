@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from services.common.errors import FieldViolation, InvalidArgument
@@ -30,11 +32,24 @@ class Violations:
     def add(self, field: str, description: str) -> None:
         self._items.append(FieldViolation(field, description))
 
-    def check_length(self, value: str, field: str, *, max_len: int, min_len: int = 0) -> None:
-        if len(value) > max_len:
+    def check_length(self, value: str, field: str, *, max_len: int, min_len: int = 0) -> bool:
+        """Length within bounds and no NUL character (PostgreSQL text cannot hold one)."""
+        if "\x00" in value:
+            self.add(field, "must not contain NUL characters")
+        elif len(value) > max_len:
             self.add(field, f"must be at most {max_len} characters")
         elif len(value) < min_len:
             self.add(field, f"must be at least {min_len} characters")
+        else:
+            return True
+        return False
+
+    def check_http_url(self, value: str, field: str, *, max_len: int) -> None:
+        """Empty, or an http(s) URL of at most `max_len` characters."""
+        if self.check_length(value, field, max_len=max_len) and value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                self.add(field, "must be an http(s) URL")
 
     def check_uuid(self, value: str, field: str) -> UUID | None:
         try:

@@ -10,7 +10,7 @@ from services.users.servicer import UsersServicer
 
 
 async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
-    users_pb2_grpc.add_UsersServiceServicer_to_server(UsersServicer(runtime), server)  # type: ignore[abstract]  # RPCs land with the service issue
+    users_pb2_grpc.add_UsersServiceServicer_to_server(UsersServicer(runtime), server)
 
 
 DEFINITION = ServiceDefinition(

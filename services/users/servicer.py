@@ -2,11 +2,162 @@
 
 from __future__ import annotations
 
-from chat.v1 import users_pb2_grpc
+from uuid import UUID
 
+from chat.v1 import users_pb2, users_pb2_grpc
+
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.fieldmask import update_paths
+from services.common.identity import caller_of
+from services.common.pagination import decode_page_token, encode_page_token, page_size_of
 from services.common.server import Runtime
+from services.common.types import Context
+from services.common.validation import Violations, parse_uuid
+from services.users import store
+from services.users.convert import user_to_proto
+from services.users.validation import (
+    BATCH_GET_MAX,
+    QUERY_MAX,
+    check_email,
+    check_profile,
+    check_username,
+    new_user,
+)
+
+UPDATABLE = ("email", "username", "first_name", "last_name", "profile_image", "is_active")
+
+
+def _require_self(context: Context, user_id: UUID) -> None:
+    """With x-user-id, a caller acts only on their own user; trusted calls on any."""
+    caller = caller_of(context)
+    if not caller.trusted and not caller.is_user(user_id):
+        raise PermissionDenied("a user may only change their own account")
 
 
 class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._pool = runtime.pool
+
+    async def CreateUser(
+        self, request: users_pb2.CreateUserRequest, context: Context
+    ) -> users_pb2.CreateUserResponse:
+        fields = new_user(request.user)
+        async with self._pool.acquire() as conn:
+            row = await store.create_user(conn, fields)
+        return users_pb2.CreateUserResponse(user=user_to_proto(row))
+
+    async def GetUser(
+        self, request: users_pb2.GetUserRequest, context: Context
+    ) -> users_pb2.GetUserResponse:
+        user_id = parse_uuid(request.id, "id")
+        async with self._pool.acquire() as conn:
+            row = await store.get_user(conn, user_id)
+        return users_pb2.GetUserResponse(user=user_to_proto(row))
+
+    async def LookupUser(
+        self, request: users_pb2.LookupUserRequest, context: Context
+    ) -> users_pb2.LookupUserResponse:
+        key = request.WhichOneof("key")
+        violations = Violations()
+        if key == "email":
+            violations.check_length(request.email, "email", min_len=1, max_len=255)
+        elif key == "username":
+            violations.check_length(request.username, "username", min_len=1, max_len=50)
+        else:
+            violations.add("key", "set email or username")
+        violations.raise_if_any()
+        async with self._pool.acquire() as conn:
+            row = await store.lookup_user(conn, email=request.email, username=request.username)
+        return users_pb2.LookupUserResponse(user=user_to_proto(row))
+
+    async def BatchGetUsers(
+        self, request: users_pb2.BatchGetUsersRequest, context: Context
+    ) -> users_pb2.BatchGetUsersResponse:
+        if len(request.ids) > BATCH_GET_MAX:
+            raise InvalidArgument.field("ids", f"at most {BATCH_GET_MAX} ids per call")
+        violations = Violations()
+        ids = [violations.check_uuid(raw, f"ids[{i}]") for i, raw in enumerate(request.ids)]
+        violations.raise_if_any()
+        wanted = [i for i in ids if i is not None]
+        async with self._pool.acquire() as conn:
+            found = await store.batch_get_users(conn, wanted)
+        return users_pb2.BatchGetUsersResponse(
+            users=[user_to_proto(found[i]) for i in wanted if i in found],
+            missing_ids=[str(i) for i in wanted if i not in found],
+        )
+
+    async def ListUsers(
+        self, request: users_pb2.ListUsersRequest, context: Context
+    ) -> users_pb2.ListUsersResponse:
+        size = page_size_of(request.page_size)
+        violations = Violations()
+        violations.check_length(request.query, "query", max_len=QUERY_MAX)
+        violations.raise_if_any()
+        params = {"query": request.query.lower(), "inactive": request.include_inactive}
+        position = decode_page_token(request.page_token, "users", params)
+        async with self._pool.acquire() as conn:
+            rows = await store.list_users(
+                conn,
+                after_username=str(position[0]) if position else None,
+                include_inactive=request.include_inactive,
+                query=request.query,
+                limit=size + 1,
+            )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = encode_page_token("users", params, [rows[-1].username.lower()])
+        return users_pb2.ListUsersResponse(
+            users=[user_to_proto(r) for r in rows], next_page_token=token
+        )
+
+    async def UpdateUser(
+        self, request: users_pb2.UpdateUserRequest, context: Context
+    ) -> users_pb2.UpdateUserResponse:
+        user_id = parse_uuid(request.user.id, "user.id")
+        paths = update_paths(request.update_mask, request.user, UPDATABLE)
+        violations = Violations()
+        if "email" in paths:
+            check_email(violations, request.user.email)
+        if "username" in paths:
+            check_username(violations, request.user.username)
+        check_profile(violations, request.user, paths)
+        violations.raise_if_any()
+        _require_self(context, user_id)
+        user = request.user
+        changes = store.UserChanges(
+            fields=frozenset(paths),
+            email=user.email,
+            username=user.username,
+            first_name=user.first_name or None,
+            last_name=user.last_name or None,
+            profile_image=user.profile_image or None,
+            is_active=user.is_active,
+        )
+        async with self._pool.acquire() as conn:
+            row = await store.update_user(conn, user_id, changes)
+        return users_pb2.UpdateUserResponse(user=user_to_proto(row))
+
+    async def DeleteUser(
+        self, request: users_pb2.DeleteUserRequest, context: Context
+    ) -> users_pb2.DeleteUserResponse:
+        user_id = parse_uuid(request.id, "id")
+        _require_self(context, user_id)
+        async with self._pool.acquire() as conn:
+            await store.delete_user(conn, user_id)
+        return users_pb2.DeleteUserResponse()
+
+    async def RecordLogin(
+        self, request: users_pb2.RecordLoginRequest, context: Context
+    ) -> users_pb2.RecordLoginResponse:
+        user_id = parse_uuid(request.id, "id")
+        _require_self(context, user_id)
+        async with self._pool.acquire() as conn:
+            row = await store.record_login(conn, user_id)
+        if row is None:
+            raise FailedPrecondition(
+                "the user is inactive and cannot log in",
+                reason="USER_INACTIVE",
+                subject=f"user/{user_id}",
+            )
+        return users_pb2.RecordLoginResponse(user=user_to_proto(row))

@@ -1,0 +1,270 @@
+"""SQL for the users table. Every function takes a connection; SQL stays here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from services.common.errors import AlreadyExists, NotFound
+from services.common.queries import named
+from services.common.types import DbConnection
+
+# Unique constraints and indexes on users, and the request field each protects.
+_UNIQUE_FIELDS = {
+    "uq_users_email": "email",
+    "idx_users_email": "email",
+    "uq_users_username": "username",
+    "idx_users_username": "username",
+}
+
+
+@dataclass(frozen=True)
+class UserRow:
+    id: UUID
+    email: str
+    username: str
+    first_name: str | None
+    last_name: str | None
+    profile_image: str | None
+    is_active: bool
+    last_login_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class NewUser:
+    email: str
+    username: str
+    first_name: str | None
+    last_name: str | None
+    profile_image: str | None
+
+
+@dataclass(frozen=True)
+class UserChanges:
+    """New values for the fields named in an update mask (others untouched)."""
+
+    fields: frozenset[str]
+    email: str = ""
+    username: str = ""
+    first_name: str | None = None
+    last_name: str | None = None
+    profile_image: str | None = None
+    is_active: bool = True
+
+
+INSERT = named(
+    "users.insert",
+    """
+    INSERT INTO users (email, username, first_name, last_name, profile_image)
+    VALUES ($1, $2, $3, $4, $5)
+    RETURNING id, email, username, first_name, last_name, profile_image, is_active,
+              last_login_at, created_at, updated_at
+    """,
+)
+GET = named(
+    "users.get",
+    """
+    SELECT id, email, username, first_name, last_name, profile_image, is_active,
+           last_login_at, created_at, updated_at
+    FROM users WHERE id = $1
+    """,
+)
+BY_EMAIL = named(
+    "users.by_email",
+    """
+    SELECT id, email, username, first_name, last_name, profile_image, is_active,
+           last_login_at, created_at, updated_at
+    FROM users WHERE lower(email) = lower($1)
+    """,
+)
+BY_USERNAME = named(
+    "users.by_username",
+    """
+    SELECT id, email, username, first_name, last_name, profile_image, is_active,
+           last_login_at, created_at, updated_at
+    FROM users WHERE lower(username) = lower($1)
+    """,
+)
+BATCH_GET = named(
+    "users.batch_get",
+    """
+    SELECT id, email, username, first_name, last_name, profile_image, is_active,
+           last_login_at, created_at, updated_at
+    FROM users WHERE id = ANY ($1::uuid[])
+    """,
+)
+# All users in lower(username) order. `~>~`/`~<~` are the byte-wise operators of
+# the text_pattern_ops index idx_users_username, so the scan walks that index.
+LIST = named(
+    "users.list",
+    """
+    SELECT id, email, username, first_name, last_name, profile_image, is_active,
+           last_login_at, created_at, updated_at
+    FROM users
+    WHERE ($1::text IS NULL OR lower(username) ~>~ $1)
+      AND (is_active OR $2)
+    ORDER BY lower(username) USING ~<~
+    LIMIT $3
+    """,
+)
+# Prefix search: one index range scan per column ($3 <= value < $4), OR-ed into a
+# bitmap, then the page is sorted by username.
+SEARCH = named(
+    "users.search",
+    """
+    SELECT id, email, username, first_name, last_name, profile_image, is_active,
+           last_login_at, created_at, updated_at
+    FROM users
+    WHERE ((lower(username) ~>=~ $3 AND lower(username) ~<~ $4)
+        OR (lower(email) ~>=~ $3 AND lower(email) ~<~ $4)
+        OR (lower(first_name) ~>=~ $3 AND lower(first_name) ~<~ $4)
+        OR (lower(last_name) ~>=~ $3 AND lower(last_name) ~<~ $4))
+      AND ($1::text IS NULL OR lower(username) ~>~ $1)
+      AND (is_active OR $2)
+    ORDER BY lower(username) USING ~<~
+    LIMIT $5
+    """,
+)
+# One static statement for every mask: each column keeps its value unless its flag is set.
+UPDATE = named(
+    "users.update",
+    """
+    UPDATE users SET
+        email = CASE WHEN $2 THEN $3 ELSE email END,
+        username = CASE WHEN $4 THEN $5 ELSE username END,
+        first_name = CASE WHEN $6 THEN $7 ELSE first_name END,
+        last_name = CASE WHEN $8 THEN $9 ELSE last_name END,
+        profile_image = CASE WHEN $10 THEN $11 ELSE profile_image END,
+        is_active = CASE WHEN $12 THEN $13 ELSE is_active END,
+        updated_at = greatest(now(), updated_at + interval '1 microsecond')
+    WHERE id = $1
+    RETURNING id, email, username, first_name, last_name, profile_image, is_active,
+              last_login_at, created_at, updated_at
+    """,
+)
+DELETE = named("users.delete", "DELETE FROM users WHERE id = $1")
+RECORD_LOGIN = named(
+    "users.record_login",
+    """
+    UPDATE users SET last_login_at = now(),
+                     updated_at = greatest(now(), updated_at + interval '1 microsecond')
+    WHERE id = $1 AND is_active
+    RETURNING id, email, username, first_name, last_name, profile_image, is_active,
+              last_login_at, created_at, updated_at
+    """,
+)
+
+
+def _row(record: asyncpg.Record | None) -> UserRow | None:
+    return None if record is None else UserRow(**dict(record))
+
+
+def _unique_violation(exc: asyncpg.UniqueViolationError) -> AlreadyExists:
+    field = _UNIQUE_FIELDS.get(exc.constraint_name or "", "user")
+    return AlreadyExists(field, f"a user with this {field} already exists")
+
+
+async def create_user(conn: DbConnection, user: NewUser) -> UserRow:
+    try:
+        record = await conn.fetchrow(
+            INSERT, user.email, user.username, user.first_name, user.last_name, user.profile_image
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise _unique_violation(exc) from None
+    created = _row(record)
+    assert created is not None
+    return created
+
+
+async def get_user(conn: DbConnection, user_id: UUID) -> UserRow:
+    found = _row(await conn.fetchrow(GET, user_id))
+    if found is None:
+        raise NotFound("user", str(user_id))
+    return found
+
+
+async def lookup_user(conn: DbConnection, *, email: str = "", username: str = "") -> UserRow:
+    key, value = ("email", email) if email else ("username", username)
+    found = _row(await conn.fetchrow(BY_EMAIL if email else BY_USERNAME, value))
+    if found is None:
+        raise NotFound("user", f"{key}={value}")
+    return found
+
+
+async def batch_get_users(conn: DbConnection, ids: Sequence[UUID]) -> dict[UUID, UserRow]:
+    rows = await conn.fetch(BATCH_GET, list(set(ids)))
+    return {row["id"]: UserRow(**dict(row)) for row in rows}
+
+
+def prefix_range(prefix: str) -> tuple[str, str | None]:
+    """[low, high) of byte-wise ordered strings that start with `prefix` (lower-cased)."""
+    low = prefix.lower()
+    last = ord(low[-1])
+    if last >= 0x10FFFF:
+        return low, None
+    return low, low[:-1] + chr(last + 1)
+
+
+async def list_users(
+    conn: DbConnection,
+    *,
+    after_username: str | None,
+    include_inactive: bool,
+    query: str,
+    limit: int,
+) -> list[UserRow]:
+    if query:
+        low, high = prefix_range(query)
+        rows = await conn.fetch(
+            SEARCH, after_username, include_inactive, low, high or low + "\U0010ffff", limit
+        )
+    else:
+        rows = await conn.fetch(LIST, after_username, include_inactive, limit)
+    return [UserRow(**dict(row)) for row in rows]
+
+
+async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -> UserRow:
+    f = changes.fields
+    try:
+        record = await conn.fetchrow(
+            UPDATE,
+            user_id,
+            "email" in f,
+            changes.email,
+            "username" in f,
+            changes.username,
+            "first_name" in f,
+            changes.first_name,
+            "last_name" in f,
+            changes.last_name,
+            "profile_image" in f,
+            changes.profile_image,
+            "is_active" in f,
+            changes.is_active,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise _unique_violation(exc) from None
+    updated = _row(record)
+    if updated is None:
+        raise NotFound("user", str(user_id))
+    return updated
+
+
+async def delete_user(conn: DbConnection, user_id: UUID) -> None:
+    status = await conn.execute(DELETE, user_id)
+    if status == "DELETE 0":
+        raise NotFound("user", str(user_id))
+
+
+async def record_login(conn: DbConnection, user_id: UUID) -> UserRow | None:
+    """The updated user, or None when the user exists but is inactive."""
+    updated = _row(await conn.fetchrow(RECORD_LOGIN, user_id))
+    if updated is None:
+        await get_user(conn, user_id)  # NOT_FOUND when there is no such user
+    return updated

@@ -46,7 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && $(abspath $(BIN))/buf lint
-	$(BIN)/squawk -c .squawk.toml db/migrations/*.sql
+	$(PY) -m db.squawk
 
 proto: $(STAMP)
 	$(PY) protos/generate.py

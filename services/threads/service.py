@@ -10,7 +10,7 @@ from services.threads.servicer import ThreadsServicer
 
 
 async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
-    threads_pb2_grpc.add_ThreadsServiceServicer_to_server(ThreadsServicer(runtime), server)  # type: ignore[abstract]  # RPCs land with the service issue
+    threads_pb2_grpc.add_ThreadsServiceServicer_to_server(ThreadsServicer(runtime), server)
 
 
 DEFINITION = ServiceDefinition(

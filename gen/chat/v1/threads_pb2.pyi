@@ -59,7 +59,7 @@ class Thread(_message.Message):
     """At most 255 characters; empty for direct threads."""
     is_direct: _builtins.bool
     is_archived: _builtins.bool
-    """Archived threads are read-only and hidden from the inbox by default."""
+    """Archived threads accept no new messages and are hidden from the inbox by default."""
     @_builtins.property
     def last_message_at(self) -> _timestamp_pb2.Timestamp:
         """When the newest message was sent; unset while the thread has none."""

@@ -1,0 +1,394 @@
+"""SQL for threads and thread_participants. Every function takes a connection."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from services.common.errors import NotFound
+from services.common.queries import named
+from services.common.types import DbConnection
+
+# Unread counts are exact up to this many per thread; beyond it the count says
+# "UNREAD_CAP+" (capped). Counting stops there, so an inbox page costs at most
+# page_size * (UNREAD_CAP + 1) index entries however large the backlog.
+UNREAD_CAP = 100
+MEMBERSHIP_CHANNEL = "chat_membership"
+
+
+@dataclass(frozen=True)
+class ThreadRow:
+    id: UUID
+    name: str | None
+    is_direct: bool
+    is_archived: bool
+    last_message_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ParticipantRow:
+    thread_id: UUID
+    user_id: UUID
+    role: str
+    last_read_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    thread: ThreadRow
+    participant: ParticipantRow
+    unread: int  # at most UNREAD_CAP + 1; more than UNREAD_CAP means capped
+    activity_at: datetime
+
+
+def _thread(record: asyncpg.Record) -> ThreadRow:
+    return ThreadRow(
+        id=record["id"],
+        name=record["name"],
+        is_direct=record["is_direct"],
+        is_archived=record["is_archived"],
+        last_message_at=record["last_message_at"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
+    )
+
+
+def _participant(record: asyncpg.Record) -> ParticipantRow:
+    return ParticipantRow(
+        thread_id=record["thread_id"],
+        user_id=record["user_id"],
+        role=record["role"],
+        last_read_at=record["last_read_at"],
+        created_at=record["created_at"],
+    )
+
+
+MISSING_USERS = named(
+    "threads.missing_users",
+    """
+    SELECT wanted.id FROM unnest($1::uuid[]) AS wanted(id)
+    WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = wanted.id)
+    """,
+)
+INSERT_GROUP = named(
+    "threads.insert_group",
+    """
+    INSERT INTO threads (name) VALUES ($1)
+    RETURNING id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    """,
+)
+INSERT_DIRECT = named(
+    "threads.insert_direct",
+    """
+    INSERT INTO threads (is_direct, direct_key) VALUES (true, $1)
+    ON CONFLICT (direct_key) DO NOTHING
+    RETURNING id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    """,
+)
+DIRECT_BY_KEY = named(
+    "threads.direct_by_key",
+    """
+    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    FROM threads WHERE direct_key = $1
+    """,
+)
+ADD_PARTICIPANTS = named(
+    "threads.add_participants",
+    """
+    INSERT INTO thread_participants (thread_id, user_id, role)
+    SELECT $1, u.id, u.role FROM unnest($2::uuid[], $3::text[]) AS u(id, role)
+    ON CONFLICT (thread_id, user_id) DO NOTHING
+    """,
+)
+PARTICIPANTS_OF = named(
+    "threads.participants_of",
+    """
+    SELECT thread_id, user_id, role, last_read_at, created_at
+    FROM thread_participants WHERE thread_id = $1 AND user_id = ANY ($2::uuid[])
+    ORDER BY user_id
+    """,
+)
+GET = named(
+    "threads.get",
+    """
+    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    FROM threads WHERE id = $1
+    """,
+)
+# The thread row locked for the rest of the transaction: membership changes of
+# one thread serialise on it (the last-owner rule is checked under this lock).
+LOCK = named(
+    "threads.lock",
+    """
+    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    FROM threads WHERE id = $1 FOR UPDATE
+    """,
+)
+MEMBERSHIP = named(
+    "threads.membership",
+    """
+    SELECT thread_id, user_id, role, last_read_at, created_at
+    FROM thread_participants WHERE thread_id = $1 AND user_id = $2
+    """,
+)
+UPDATE = named(
+    "threads.update",
+    """
+    UPDATE threads SET
+        name = CASE WHEN $2 THEN $3 ELSE name END,
+        is_archived = CASE WHEN $4 THEN $5 ELSE is_archived END,
+        updated_at = greatest(now(), updated_at + interval '1 microsecond')
+    WHERE id = $1
+    RETURNING id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    """,
+)
+DELETE = named("threads.delete", "DELETE FROM threads WHERE id = $1")
+NOTIFY = named("threads.notify_membership", "SELECT pg_notify('chat_membership', $1)")
+REMOVE = named(
+    "threads.remove_participant",
+    "DELETE FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
+)
+OWNERS = named(
+    "threads.owners",
+    "SELECT count(*) FROM thread_participants WHERE thread_id = $1 AND role = 'owner'",
+)
+SET_ROLE = named(
+    "threads.set_role",
+    """
+    UPDATE thread_participants SET role = $3 WHERE thread_id = $1 AND user_id = $2
+    RETURNING thread_id, user_id, role, last_read_at, created_at
+    """,
+)
+LIST_PARTICIPANTS = named(
+    "threads.list_participants",
+    """
+    SELECT thread_id, user_id, role, last_read_at, created_at
+    FROM thread_participants
+    WHERE thread_id = $1 AND ($2::uuid IS NULL OR user_id > $2)
+    ORDER BY user_id
+    LIMIT $3
+    """,
+)
+# The read position only moves forward, and never past now (a future read_at
+# would silently mark messages not yet sent as read).
+MARK_READ = named(
+    "threads.mark_read",
+    """
+    UPDATE thread_participants
+    SET last_read_at = greatest(last_read_at, least(coalesce($3, now()), now()))
+    WHERE thread_id = $1 AND user_id = $2
+    RETURNING thread_id, user_id, role, last_read_at, created_at
+    """,
+)
+# The inbox: the user's memberships, newest activity first, each with its unread
+# count under the cap (an index range scan of idx_messages_thread that stops
+# after UNREAD_CAP + 1 matching messages).
+INBOX = named(
+    "threads.inbox",
+    """
+    SELECT t.id, t.name, t.is_direct, t.is_archived, t.last_message_at, t.created_at,
+           t.updated_at, coalesce(t.last_message_at, t.created_at) AS activity_at,
+           p.thread_id, p.user_id, p.role, p.last_read_at, p.created_at AS joined_at,
+           CASE WHEN t.last_message_at > coalesce(p.last_read_at, '-infinity') THEN (
+               SELECT count(*) FROM (
+                   SELECT 1 FROM messages m
+                   WHERE m.thread_id = t.id
+                     AND m.created_at > coalesce(p.last_read_at, '-infinity')
+                     AND m.user_id <> p.user_id
+                     AND m.status <> 'deleted'
+                   LIMIT $6
+               ) capped
+           ) ELSE 0 END AS unread
+    FROM thread_participants p
+    JOIN threads t ON t.id = p.thread_id
+    WHERE p.user_id = $1
+      AND (NOT t.is_archived OR $2)
+      AND ($3::timestamptz IS NULL
+           OR (coalesce(t.last_message_at, t.created_at), t.id) < ($3, $4))
+    ORDER BY coalesce(t.last_message_at, t.created_at) DESC, t.id DESC
+    LIMIT $5
+    """,
+)
+# Per-thread counts under the cap (computed once per thread in the LATERAL),
+# summed over the user's non-archived threads that had activity since their read mark.
+UNREAD_TOTALS = named(
+    "threads.unread_totals",
+    """
+    SELECT coalesce(sum(least(c.n, $2)), 0) AS total,
+           count(*) FILTER (WHERE c.n > 0) AS threads,
+           coalesce(bool_or(c.n > $2), false) AS capped
+    FROM thread_participants p
+    JOIN threads t ON t.id = p.thread_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM (
+            SELECT 1 FROM messages m
+            WHERE m.thread_id = t.id
+              AND m.created_at > coalesce(p.last_read_at, '-infinity')
+              AND m.user_id <> p.user_id
+              AND m.status <> 'deleted'
+            LIMIT $2 + 1
+        ) capped
+    ) c
+    WHERE p.user_id = $1 AND NOT t.is_archived
+      AND t.last_message_at > coalesce(p.last_read_at, '-infinity')
+    """,
+)
+
+
+async def missing_users(conn: DbConnection, user_ids: Sequence[UUID]) -> list[UUID]:
+    return [row["id"] for row in await conn.fetch(MISSING_USERS, list(user_ids))]
+
+
+async def create_group(
+    conn: DbConnection, name: str | None, members: dict[UUID, str]
+) -> tuple[ThreadRow, list[ParticipantRow]]:
+    """Thread and participants in the caller's transaction; `members` maps user -> role."""
+    record = await conn.fetchrow(INSERT_GROUP, name)
+    assert record is not None  # INSERT ... RETURNING returns the row
+    thread = _thread(record)
+    await add_participants(conn, thread.id, members)
+    return thread, await participants_of(conn, thread.id, list(members))
+
+
+async def get_or_create_direct(
+    conn: DbConnection, first: UUID, second: UUID
+) -> tuple[ThreadRow, bool]:
+    low, high = sorted((first, second))
+    key = f"{low}:{high}"
+    inserted = await conn.fetchrow(INSERT_DIRECT, key)
+    if inserted is not None:
+        thread = _thread(inserted)
+        await add_participants(conn, thread.id, {low: "member", high: "member"})
+        return thread, True
+    # Another call created it (if it was concurrent, ON CONFLICT waited for its commit).
+    existing = await conn.fetchrow(DIRECT_BY_KEY, key)
+    assert existing is not None
+    return _thread(existing), False
+
+
+async def add_participants(conn: DbConnection, thread_id: UUID, members: dict[UUID, str]) -> None:
+    ids = list(members)
+    await conn.execute(ADD_PARTICIPANTS, thread_id, ids, [members[i] for i in ids])
+
+
+async def participants_of(
+    conn: DbConnection, thread_id: UUID, user_ids: Sequence[UUID]
+) -> list[ParticipantRow]:
+    return [_participant(r) for r in await conn.fetch(PARTICIPANTS_OF, thread_id, list(user_ids))]
+
+
+async def get_thread(conn: DbConnection, thread_id: UUID, *, lock: bool = False) -> ThreadRow:
+    record = await conn.fetchrow(LOCK if lock else GET, thread_id)
+    if record is None:
+        raise NotFound("thread", str(thread_id))
+    return _thread(record)
+
+
+async def membership(conn: DbConnection, thread_id: UUID, user_id: UUID) -> ParticipantRow | None:
+    record = await conn.fetchrow(MEMBERSHIP, thread_id, user_id)
+    return None if record is None else _participant(record)
+
+
+async def update_thread(
+    conn: DbConnection,
+    thread_id: UUID,
+    *,
+    name: tuple[bool, str | None],
+    archived: tuple[bool, bool],
+) -> ThreadRow:
+    record = await conn.fetchrow(UPDATE, thread_id, name[0], name[1], archived[0], archived[1])
+    if record is None:
+        raise NotFound("thread", str(thread_id))
+    return _thread(record)
+
+
+async def notify_membership(conn: DbConnection, thread_id: UUID, user_id: UUID | None) -> None:
+    """Tell every messages-service process (after commit) to end affected streams."""
+    payload = {"thread_id": str(thread_id), "user_id": str(user_id) if user_id else None}
+    await conn.execute(NOTIFY, json.dumps(payload))
+
+
+async def delete_thread(conn: DbConnection, thread_id: UUID) -> None:
+    if await conn.execute(DELETE, thread_id) == "DELETE 0":
+        raise NotFound("thread", str(thread_id))
+    await notify_membership(conn, thread_id, None)
+
+
+async def remove_participant(conn: DbConnection, thread_id: UUID, user_id: UUID) -> None:
+    await conn.execute(REMOVE, thread_id, user_id)
+    await notify_membership(conn, thread_id, user_id)
+
+
+async def owner_count(conn: DbConnection, thread_id: UUID) -> int:
+    return int(await conn.fetchval(OWNERS, thread_id))
+
+
+async def set_role(conn: DbConnection, thread_id: UUID, user_id: UUID, role: str) -> ParticipantRow:
+    record = await conn.fetchrow(SET_ROLE, thread_id, user_id, role)
+    if record is None:
+        raise NotFound("participant", f"{thread_id}/{user_id}")
+    return _participant(record)
+
+
+async def list_participants(
+    conn: DbConnection, thread_id: UUID, after: UUID | None, limit: int
+) -> list[ParticipantRow]:
+    return [_participant(r) for r in await conn.fetch(LIST_PARTICIPANTS, thread_id, after, limit)]
+
+
+async def mark_read(
+    conn: DbConnection, thread_id: UUID, user_id: UUID, read_at: datetime | None
+) -> ParticipantRow:
+    record = await conn.fetchrow(MARK_READ, thread_id, user_id, read_at)
+    if record is None:
+        raise NotFound("thread", str(thread_id))
+    return _participant(record)
+
+
+async def inbox(
+    conn: DbConnection,
+    user_id: UUID,
+    *,
+    include_archived: bool,
+    after: tuple[datetime, UUID] | None,
+    limit: int,
+) -> list[InboxRow]:
+    rows = await conn.fetch(
+        INBOX,
+        user_id,
+        include_archived,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+        UNREAD_CAP + 1,
+    )
+    return [
+        InboxRow(
+            thread=_thread(r),
+            participant=ParticipantRow(
+                thread_id=r["thread_id"],
+                user_id=r["user_id"],
+                role=r["role"],
+                last_read_at=r["last_read_at"],
+                created_at=r["joined_at"],
+            ),
+            unread=int(r["unread"]),
+            activity_at=r["activity_at"],
+        )
+        for r in rows
+    ]
+
+
+async def unread_totals(conn: DbConnection, user_id: UUID) -> tuple[int, int, bool]:
+    """(total unread, threads with unread, whether any thread hit the cap)."""
+    row = await conn.fetchrow(UNREAD_TOTALS, user_id, UNREAD_CAP)
+    assert row is not None
+    return int(row["total"]), int(row["threads"]), bool(row["capped"])

@@ -1,0 +1,228 @@
+"""The inbox: order, pagination, unread counts, read state, and the cost bound."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+import pytest
+from chat.v1 import threads_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
+
+from services.threads import store
+from tests.threads.conftest import new_users, send
+
+if TYPE_CHECKING:
+    from tests.threads.conftest import Stub
+
+
+def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-user-id", user_id),)
+
+
+async def group(threads: Stub, creator: str, *others: str, name: str = "t") -> str:
+    reply = await threads.CreateThread(
+        threads_pb2.CreateThreadRequest(name=name, creator_id=creator, participant_ids=others)
+    )
+    return reply.thread.id
+
+
+async def inbox(threads: Stub, user: str, **kwargs: Any) -> list[threads_pb2.InboxThread]:
+    rows: list[threads_pb2.InboxThread] = []
+    token = ""
+    while True:
+        page = await threads.ListThreads(
+            threads_pb2.ListThreadsRequest(user_id=user, page_token=token, **kwargs),
+            metadata=as_user(user),
+        )
+        rows += page.threads
+        token = page.next_page_token
+        if not token:
+            return rows
+
+
+async def unread(threads: Stub, user: str) -> tuple[int, int]:
+    reply = await threads.GetUnreadCount(
+        threads_pb2.GetUnreadCountRequest(user_id=user), metadata=as_user(user)
+    )
+    return reply.total_unread, reply.unread_threads
+
+
+async def test_inbox_order_pagination_and_archive(threads: Stub, db_pool: asyncpg.Pool) -> None:
+    me, other = await new_users(db_pool, 2)
+    names = [f"t{i}" for i in range(5)]
+    ids = {name: await group(threads, other, me, name=name) for name in names}
+    await send(db_pool, ids["t1"], other)
+    await send(db_pool, ids["t3"], other)
+    # Newest activity first: t3, t1 had messages; the rest by creation, newest first.
+    expected = ["t3", "t1", "t4", "t2", "t0"]
+    assert [r.thread.name for r in await inbox(threads, me, page_size=2)] == expected
+
+    await threads.UpdateThread(
+        threads_pb2.UpdateThreadRequest(
+            thread=threads_pb2.Thread(id=ids["t1"], is_archived=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["is_archived"]),
+        )
+    )
+    assert [r.thread.name for r in await inbox(threads, me)] == ["t3", "t4", "t2", "t0"]
+    with_archived = await inbox(threads, me, include_archived=True)
+    assert [r.thread.name for r in with_archived] == expected
+
+    row = with_archived[0]
+    assert (
+        row.participant.user_id == me
+        and row.participant.role == threads_pb2.PARTICIPANT_ROLE_MEMBER
+    )
+    err_call = threads.ListThreads(
+        threads_pb2.ListThreadsRequest(user_id=other), metadata=as_user(me)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await err_call
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_unread_counts_follow_sends_reads_and_deletes(
+    threads: Stub, db_pool: asyncpg.Pool
+) -> None:
+    me, ada, bob = await new_users(db_pool, 3)
+    first = await group(threads, ada, me, bob)
+    second = await group(threads, bob, me)
+    for _ in range(3):
+        await send(db_pool, first, ada)
+    deleted = await send(db_pool, first, bob)
+    await send(db_pool, second, bob)
+    await send(db_pool, first, me)  # my own message: never unread, and moves my read mark
+    assert await unread(threads, me) == (1, 1)  # only the second thread's message
+
+    await send(db_pool, first, ada)
+    await send(db_pool, first, bob)
+    assert await unread(threads, me) == (3, 2)
+    await db_pool.execute(
+        "UPDATE messages SET status = 'deleted', content = '' WHERE id = $1", uuid.UUID(deleted)
+    )
+    late = await send(db_pool, first, bob)
+    await db_pool.execute(
+        "UPDATE messages SET status = 'deleted', content = '' WHERE id = $1", uuid.UUID(late)
+    )
+    rows = {r.thread.id: r.unread_count for r in await inbox(threads, me)}
+    assert rows == {first: 2, second: 1}  # a deleted message is not unread
+
+    marked = await threads.MarkRead(
+        threads_pb2.MarkReadRequest(thread_id=first, user_id=me), metadata=as_user(me)
+    )
+    assert await unread(threads, me) == (1, 1)
+    # An older read_at never moves the position back; a future one is clamped to now.
+    old = timestamp_pb2.Timestamp(seconds=1)
+    again = await threads.MarkRead(
+        threads_pb2.MarkReadRequest(thread_id=first, user_id=me, read_at=old), metadata=as_user(me)
+    )
+    assert again.participant.last_read_at == marked.participant.last_read_at
+    future = timestamp_pb2.Timestamp(seconds=4_000_000_000)
+    await threads.MarkRead(
+        threads_pb2.MarkReadRequest(thread_id=second, user_id=me, read_at=future),
+        metadata=as_user(me),
+    )
+    await send(db_pool, second, bob)
+    assert await unread(threads, me) == (1, 1)  # sent after the clamped read mark
+
+    # Archived threads do not count.
+    await threads.UpdateThread(
+        threads_pb2.UpdateThreadRequest(
+            thread=threads_pb2.Thread(id=second, is_archived=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["is_archived"]),
+        )
+    )
+    assert await unread(threads, me) == (0, 0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await threads.MarkRead(
+            threads_pb2.MarkReadRequest(thread_id=first, user_id=ada), metadata=as_user(me)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_unread_count_is_capped(threads: Stub, db_pool: asyncpg.Pool) -> None:
+    me, other = await new_users(db_pool, 2)
+    thread = await group(threads, other, me)
+    await send(db_pool, thread, other)
+    await db_pool.execute(
+        "INSERT INTO messages (thread_id, user_id, content, created_at) "
+        "SELECT $1, $2, 'm', now() - make_interval(secs => g) FROM generate_series(1, 150) g",
+        uuid.UUID(thread),
+        uuid.UUID(other),
+    )
+    [row] = await inbox(threads, me)
+    assert (row.unread_count, row.unread_count_capped) == (store.UNREAD_CAP, True)
+    reply = await threads.GetUnreadCount(
+        threads_pb2.GetUnreadCountRequest(user_id=me), metadata=as_user(me)
+    )
+    assert (reply.total_unread, reply.capped) == (store.UNREAD_CAP, True)
+
+
+def _messages_rows_read(plan: dict[str, Any]) -> float:
+    """Rows produced by every scan of `messages` in an EXPLAIN ANALYZE plan."""
+    own = 0.0
+    if plan.get("Relation Name") == "messages":
+        own = plan["Actual Rows"] * plan["Actual Loops"]
+    return own + sum(_messages_rows_read(child) for child in plan.get("Plans", []))
+
+
+async def _seed_backlog(
+    db: asyncpg.Pool, user: str, other: str, threads: int, backlog: int
+) -> None:
+    """`threads` threads of two, each with `backlog` unread messages for `user`."""
+    await db.execute(
+        """
+        WITH t AS (
+            INSERT INTO threads (name, last_message_at)
+            SELECT 'seeded', now() FROM generate_series(1, $3)
+            RETURNING id
+        ), p AS (
+            INSERT INTO thread_participants (thread_id, user_id, role)
+            SELECT t.id, u.id, 'member' FROM t, unnest(ARRAY[$1::uuid, $2::uuid]) AS u(id)
+        )
+        INSERT INTO messages (thread_id, user_id, content, created_at)
+        SELECT t.id, $2, 'backlog', now() - make_interval(secs => g)
+        FROM t, generate_series(1, $4) g
+        """,
+        uuid.UUID(user),
+        uuid.UUID(other),
+        threads,
+        backlog,
+    )
+    await db.execute("ANALYZE")
+
+
+@pytest.mark.parametrize("backlog", [300, 3000])
+async def test_inbox_page_work_is_bounded_whatever_the_backlog(
+    db_pool: asyncpg.Pool, backlog: int
+) -> None:
+    """A page of 50 reads at most 50 * (cap + 1) message index entries, for any backlog."""
+    me, other = await new_users(db_pool, 2)
+    await _seed_backlog(db_pool, me, other, threads=60, backlog=backlog)
+    page_size = 50
+    async with db_pool.acquire() as conn:
+        raw = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {store.INBOX}",
+            uuid.UUID(me),
+            False,
+            None,
+            None,
+            page_size + 1,
+            store.UNREAD_CAP + 1,
+        )
+        rows = await store.inbox(conn, uuid.UUID(me), include_archived=False, after=None, limit=51)
+        totals = await store.unread_totals(conn, uuid.UUID(me))
+        raw_totals = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {store.UNREAD_TOTALS}", uuid.UUID(me), store.UNREAD_CAP
+        )
+    plan = json.loads(raw)[0]["Plan"]
+    read = _messages_rows_read(plan)
+    # Only the 51 threads of the page (limit + 1) are counted, each at most cap + 1 rows.
+    assert read <= (page_size + 1) * (store.UNREAD_CAP + 1)
+    assert all(r.unread == store.UNREAD_CAP + 1 for r in rows)
+    assert totals == (60 * store.UNREAD_CAP, 60, True)
+    totals_read = _messages_rows_read(json.loads(raw_totals)[0]["Plan"])
+    assert totals_read <= 60 * (store.UNREAD_CAP + 1)

@@ -41,12 +41,20 @@ ShutdownHook = Callable[[], Awaitable[None]]
 
 @dataclass
 class Runtime:
-    """What a service's registration gets: settings, the pool, shutdown hooks."""
+    """What a service's registration gets: settings, the pool, and two kinds of hooks.
+
+    `stopping_hooks` run when shutdown begins, before in-flight RPCs are drained
+    (e.g. end long-lived streams with a status clients resume from);
+    `shutdown_hooks` run after the server stopped, before the pool closes.
+    """
 
     name: str
     settings: ServiceSettings
     pool: asyncpg.Pool
+    stopping_hooks: list[ShutdownHook] = field(default_factory=list)
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
+    # Service-owned objects worth reaching from tests and tooling (e.g. the stream hub).
+    extras: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,14 @@ class RunningService:
             self.runtime.pool.terminate()
         if self.metrics is not None:
             self.metrics.close()
+
+
+async def _run_hooks(hooks: list[ShutdownHook]) -> None:
+    for hook in reversed(hooks):
+        try:
+            await hook()
+        except Exception:
+            log.exception("shutdown hook failed")
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:

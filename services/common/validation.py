@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from urllib.parse import urlsplit
-from urllib.parse import urlsplit
 from uuid import UUID
 
 from services.common.errors import FieldViolation, InvalidArgument

@@ -1,12 +1,362 @@
-"""chat.v1.MessagesService: translates protobuf requests into store calls."""
+"""chat.v1.MessagesService: translates protobuf requests into store calls.
+
+Permissions (calls with x-user-id; trusted calls may do everything): sends only
+as the caller; only participants read, list, search or stream a thread (others
+get NOT_FOUND for it); only the author edits or adds attachments; the author or
+a thread OWNER/ADMIN deletes.
+"""
 
 from __future__ import annotations
 
-from chat.v1 import messages_pb2_grpc
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+from uuid import UUID
 
-from services.common.server import Runtime
+import asyncpg
+from chat.v1 import messages_pb2, messages_pb2_grpc
+
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from services.common.fieldmask import update_paths
+from services.common.identity import Caller, caller_of
+from services.common.pagination import decode_page_token, encode_page_token, page_size_of
+from services.common.types import Context, DbConnection
+from services.common.validation import Violations, parse_optional_uuid, parse_uuid
+from services.messages import store
+from services.messages.convert import attachment_to_proto, event_of, message_to_proto
+from services.messages.cursor import decode_cursor
+from services.messages.hub import StreamHub
+from services.messages.settings import MessagesSettings
+from services.messages.validation import (
+    attachment_of,
+    attachments_of,
+    check_content,
+    metadata_of,
+)
+
+Position = tuple[datetime, UUID]
+
+
+async def _thread_access(
+    conn: DbConnection, caller: Caller, thread_id: UUID
+) -> tuple[bool, str | None]:
+    """(archived, caller's role); NOT_FOUND unless the caller participates (or is trusted)."""
+    found = await store.membership(conn, thread_id, caller.user_id)
+    if found is None or (not caller.trusted and found[1] is None):
+        raise NotFound("thread", str(thread_id))
+    return found
+
+
+async def _message_access(
+    conn: DbConnection, caller: Caller, message_id: UUID
+) -> tuple[store.MessageRow, str | None]:
+    """The message and the caller's role in its thread; NOT_FOUND for outsiders."""
+    message = await store.get_message(conn, message_id)
+    if message is None:
+        raise NotFound("message", str(message_id))
+    try:
+        _, role = await _thread_access(conn, caller, message.thread_id)
+    except NotFound:
+        raise NotFound("message", str(message_id)) from None
+    return message, role
+
+
+def _position(token: str, kind: str, params: dict[str, Any]) -> Position | None:
+    position = decode_page_token(token, kind, params)
+    if position is None:
+        return None
+    try:
+        return datetime.fromisoformat(position[0]), UUID(position[1])
+    except (ValueError, TypeError, IndexError):
+        raise InvalidArgument.field("page_token", "is not a valid position") from None
+
+
+def _next_token(rows: list[store.MessageRow], size: int, kind: str, params: dict[str, Any]) -> str:
+    if len(rows) <= size:
+        return ""
+    last = rows[size - 1]
+    return encode_page_token(kind, params, [last.created_at.isoformat(), str(last.id)])
 
 
 class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
-    def __init__(self, runtime: Runtime) -> None:
-        self._pool = runtime.pool
+    def __init__(self, pool: asyncpg.Pool, hub: StreamHub, settings: MessagesSettings) -> None:
+        self._pool = pool
+        self._hub = hub
+        self._settings = settings
+
+    async def SendMessage(
+        self, request: messages_pb2.SendMessageRequest, context: Context
+    ) -> messages_pb2.SendMessageResponse:
+        v = Violations()
+        thread_id = v.check_uuid(request.thread_id, "thread_id")
+        user_id = v.check_uuid(request.user_id, "user_id")
+        check_content(v, request.content, self._settings, "content")
+        parent_id = request_id = None
+        try:
+            parent_id = parse_optional_uuid(request.parent_id, "parent_id")
+            request_id = parse_optional_uuid(request.request_id, "request_id")
+        except InvalidArgument as err:
+            for violation in err.violations:
+                v.add(violation.field, violation.description)
+        metadata = metadata_of(v, request.metadata, self._settings, "metadata")
+        attachments = attachments_of(v, request.attachments, self._settings)
+        v.raise_if_any()
+        assert thread_id is not None and user_id is not None
+        caller = caller_of(context)
+        if not caller.trusted and not caller.is_user(user_id):
+            raise PermissionDenied("a user may only send as themselves")
+        async with self._pool.acquire() as conn:
+            try:
+                outcome, message_id = await store.send(
+                    conn,
+                    thread_id=thread_id,
+                    user_id=user_id,
+                    content=request.content,
+                    parent_id=parent_id,
+                    metadata=metadata,
+                    request_id=request_id,
+                    attachments=attachments,
+                )
+            except asyncpg.UniqueViolationError:
+                # The same request_id raced in through another thread: the original wins.
+                assert request_id is not None
+                outcome = "duplicate"
+                message_id = await store.message_for_request(conn, user_id, request_id)
+            if outcome in ("created", "duplicate") and message_id is not None:
+                message = await store.get_message(conn, message_id)
+                assert message is not None
+                return messages_pb2.SendMessageResponse(message=message_to_proto(message))
+        raise self._refusal(outcome, caller, thread_id)
+
+    @staticmethod
+    def _refusal(outcome: str, caller: Caller, thread_id: UUID) -> Exception:
+        subject = f"thread/{thread_id}"
+        if outcome == "thread_not_found" or (outcome == "not_participant" and not caller.trusted):
+            return NotFound("thread", str(thread_id))
+        if outcome == "not_participant":
+            return FailedPrecondition(
+                "the sender is not a participant of the thread",
+                reason="NOT_A_PARTICIPANT",
+                subject=subject,
+            )
+        if outcome == "archived":
+            return FailedPrecondition(
+                "the thread is archived", reason="THREAD_ARCHIVED", subject=subject
+            )
+        if outcome == "inactive":
+            return FailedPrecondition(
+                "the sender is inactive", reason="USER_INACTIVE", subject=subject
+            )
+        if outcome == "bad_parent":
+            return InvalidArgument.field("parent_id", "must be a message of the same thread")
+        return RuntimeError(f"unexpected send outcome {outcome!r}")
+
+    async def GetMessage(
+        self, request: messages_pb2.GetMessageRequest, context: Context
+    ) -> messages_pb2.GetMessageResponse:
+        message_id = parse_uuid(request.id, "id")
+        async with self._pool.acquire() as conn:
+            message, _ = await _message_access(conn, caller_of(context), message_id)
+        return messages_pb2.GetMessageResponse(message=message_to_proto(message))
+
+    async def ListMessages(
+        self, request: messages_pb2.ListMessagesRequest, context: Context
+    ) -> messages_pb2.ListMessagesResponse:
+        thread_id = parse_uuid(request.thread_id, "thread_id")
+        size = page_size_of(request.page_size)
+        params = {"thread": str(thread_id)}
+        after = _position(request.page_token, "history", params)
+        async with self._pool.acquire() as conn:
+            await _thread_access(conn, caller_of(context), thread_id)
+            rows = await store.page(
+                conn, store.THREAD_PAGE, thread_id, *(after or (None, None)), size + 1
+            )
+        return messages_pb2.ListMessagesResponse(
+            messages=[message_to_proto(r) for r in rows[:size]],
+            next_page_token=_next_token(rows, size, "history", params),
+        )
+
+    async def ListReplies(
+        self, request: messages_pb2.ListRepliesRequest, context: Context
+    ) -> messages_pb2.ListRepliesResponse:
+        parent_id = parse_uuid(request.parent_id, "parent_id")
+        size = page_size_of(request.page_size)
+        params = {"parent": str(parent_id)}
+        after = _position(request.page_token, "replies", params)
+        async with self._pool.acquire() as conn:
+            await _message_access(conn, caller_of(context), parent_id)
+            rows = await store.page(
+                conn, store.REPLIES_PAGE, parent_id, *(after or (None, None)), size + 1
+            )
+        return messages_pb2.ListRepliesResponse(
+            messages=[message_to_proto(r) for r in rows[:size]],
+            next_page_token=_next_token(rows, size, "replies", params),
+        )
+
+    async def ListUserMessages(
+        self, request: messages_pb2.ListUserMessagesRequest, context: Context
+    ) -> messages_pb2.ListUserMessagesResponse:
+        user_id = parse_uuid(request.user_id, "user_id")
+        size = page_size_of(request.page_size)
+        caller = caller_of(context)
+        if not caller.trusted and not caller.is_user(user_id):
+            raise PermissionDenied("a user may only list their own messages")
+        params = {"user": str(user_id)}
+        after = _position(request.page_token, "user-history", params)
+        async with self._pool.acquire() as conn:
+            rows = await store.page(
+                conn, store.USER_PAGE, user_id, *(after or (None, None)), size + 1
+            )
+        return messages_pb2.ListUserMessagesResponse(
+            messages=[message_to_proto(r) for r in rows[:size]],
+            next_page_token=_next_token(rows, size, "user-history", params),
+        )
+
+    async def UpdateMessage(
+        self, request: messages_pb2.UpdateMessageRequest, context: Context
+    ) -> messages_pb2.UpdateMessageResponse:
+        message_id = parse_uuid(request.message.id, "message.id")
+        paths = update_paths(request.update_mask, request.message, ("content", "metadata"))
+        v = Violations()
+        content = None
+        if "content" in paths:
+            check_content(v, request.message.content, self._settings, "message.content")
+            content = request.message.content
+        metadata = None
+        if "metadata" in paths:
+            metadata = metadata_of(v, request.message.metadata, self._settings, "message.metadata")
+        v.raise_if_any()
+        caller = caller_of(context)
+        async with self._pool.acquire() as conn, conn.transaction():
+            message, _ = await _message_access(conn, caller, message_id)
+            if not caller.trusted and not caller.is_user(message.user_id):
+                raise PermissionDenied("only the author edits a message")
+            edited = None
+            if message.status != "deleted":
+                edited = await store.edit(
+                    conn, message, content=content, metadata=("metadata" in paths, metadata)
+                )
+            if edited is None:
+                raise FailedPrecondition(
+                    "a deleted message cannot be edited",
+                    reason="MESSAGE_DELETED",
+                    subject=f"message/{message_id}",
+                )
+        return messages_pb2.UpdateMessageResponse(message=message_to_proto(edited))
+
+    async def DeleteMessage(
+        self, request: messages_pb2.DeleteMessageRequest, context: Context
+    ) -> messages_pb2.DeleteMessageResponse:
+        message_id = parse_uuid(request.id, "id")
+        caller = caller_of(context)
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    message, role = await _message_access(conn, caller, message_id)
+                    author = caller.is_user(message.user_id)
+                    if not caller.trusted and not author and role not in ("owner", "admin"):
+                        raise PermissionDenied("only the author or a thread owner/admin deletes")
+                    if message.status != "deleted":
+                        message = await store.tombstone(conn, message)
+            except store.AlreadyDeleted:
+                message = await store.get_message(conn, message_id)  # type: ignore[assignment]
+        return messages_pb2.DeleteMessageResponse(message=message_to_proto(message))
+
+    async def AddAttachment(
+        self, request: messages_pb2.AddAttachmentRequest, context: Context
+    ) -> messages_pb2.AddAttachmentResponse:
+        message_id = parse_uuid(request.message_id, "message_id")
+        v = Violations()
+        attachment = attachment_of(v, request.attachment, self._settings, "attachment")
+        v.raise_if_any()
+        caller = caller_of(context)
+        async with self._pool.acquire() as conn, conn.transaction():
+            message, _ = await _message_access(conn, caller, message_id)
+            if not caller.trusted and not caller.is_user(message.user_id):
+                raise PermissionDenied("only the author adds attachments")
+            if message.status == "deleted":
+                raise FailedPrecondition(
+                    "a deleted message takes no attachments",
+                    reason="MESSAGE_DELETED",
+                    subject=f"message/{message_id}",
+                )
+            if await store.count_attachments(conn, message_id) >= self._settings.max_attachments:
+                raise FailedPrecondition(
+                    f"a message has at most {self._settings.max_attachments} attachments",
+                    reason="TOO_MANY_ATTACHMENTS",
+                    subject=f"message/{message_id}",
+                )
+            row = await store.add_attachment(conn, message, attachment)
+        return messages_pb2.AddAttachmentResponse(attachment=attachment_to_proto(row))
+
+    async def ListAttachments(
+        self, request: messages_pb2.ListAttachmentsRequest, context: Context
+    ) -> messages_pb2.ListAttachmentsResponse:
+        message_id = parse_uuid(request.message_id, "message_id")
+        async with self._pool.acquire() as conn:
+            message, _ = await _message_access(conn, caller_of(context), message_id)
+        return messages_pb2.ListAttachmentsResponse(
+            attachments=[attachment_to_proto(a) for a in message.attachments]
+        )
+
+    async def SearchMessages(
+        self, request: messages_pb2.SearchMessagesRequest, context: Context
+    ) -> messages_pb2.SearchMessagesResponse:
+        caller = caller_of(context)
+        thread_id = parse_optional_uuid(request.thread_id, "thread_id")
+        if thread_id is None and not caller.trusted:
+            raise InvalidArgument.field("thread_id", "is required when acting for a user")
+        v = Violations()
+        contains = metadata_of(v, request.metadata_contains, self._settings, "metadata_contains")
+        if contains is None:
+            v.add("metadata_contains", "must name at least one key")
+        v.raise_if_any()
+        size = page_size_of(request.page_size)
+        params = {"thread": str(thread_id), "contains": contains}
+        after = _position(request.page_token, "search", params)
+        async with self._pool.acquire() as conn:
+            if thread_id is not None:
+                await _thread_access(conn, caller, thread_id)
+            rows = await store.page(
+                conn, store.SEARCH_PAGE, contains, thread_id, *(after or (None, None)), size + 1
+            )
+        return messages_pb2.SearchMessagesResponse(
+            messages=[message_to_proto(r) for r in rows[:size]],
+            next_page_token=_next_token(rows, size, "search", params),
+        )
+
+    async def StreamThreadMessages(
+        self, request: messages_pb2.StreamThreadMessagesRequest, context: Context
+    ) -> AsyncIterator[messages_pb2.StreamThreadMessagesResponse]:
+        thread_id = parse_uuid(request.thread_id, "thread_id")
+        after = decode_cursor(request.after, thread_id) if request.after else None
+        caller = caller_of(context)
+        async with self._pool.acquire() as conn:
+            await _thread_access(conn, caller, thread_id)
+        # Subscribe first, then replay: whatever commits after the subscription is
+        # queued, whatever committed before it is in the replay; positions dedupe.
+        sub = await self._hub.subscribe(thread_id, caller.user_id)
+        try:
+            delivered = sub.start_seq if after is None else after
+            batch = self._settings.stream_fetch_batch
+            while after is not None:
+                async with self._pool.acquire() as conn:
+                    rows = await store.events_after(conn, thread_id, delivered, batch)
+                for row in rows:
+                    yield event_of(row, delivered)
+                    delivered = row.change_seq
+                if len(rows) < batch:
+                    break
+            while True:
+                row = await sub.next()
+                if row.change_seq <= delivered:
+                    continue  # already replayed
+                yield event_of(row, delivered)
+                delivered = row.change_seq
+        finally:
+            self._hub.unsubscribe(sub)

@@ -1,0 +1,59 @@
+"""Store rows to protobuf messages."""
+
+from __future__ import annotations
+
+from chat.v1 import messages_pb2
+
+from services.common.convert import to_struct, to_timestamp
+from services.messages.cursor import encode_cursor
+from services.messages.store import AttachmentRow, MessageRow
+
+STATUS_TO_PROTO = {
+    "sent": messages_pb2.MESSAGE_STATUS_SENT,
+    "edited": messages_pb2.MESSAGE_STATUS_EDITED,
+    "deleted": messages_pb2.MESSAGE_STATUS_DELETED,
+}
+
+
+def attachment_to_proto(row: AttachmentRow) -> messages_pb2.Attachment:
+    return messages_pb2.Attachment(
+        id=str(row.id),
+        message_id=str(row.message_id),
+        url=row.url,
+        type=row.type,
+        name=row.name,
+        size=row.size,
+        metadata=to_struct(row.metadata),
+        created_at=to_timestamp(row.created_at),
+    )
+
+
+def message_to_proto(row: MessageRow) -> messages_pb2.Message:
+    deleted = row.status == "deleted"
+    return messages_pb2.Message(
+        id=str(row.id),
+        thread_id=str(row.thread_id),
+        user_id=str(row.user_id),
+        content="" if deleted else row.content,
+        parent_id=str(row.parent_id) if row.parent_id else "",
+        status=STATUS_TO_PROTO[row.status],
+        metadata=None if deleted else to_struct(row.metadata),
+        attachments=[] if deleted else [attachment_to_proto(a) for a in row.attachments],
+        created_at=to_timestamp(row.created_at),
+        updated_at=to_timestamp(row.updated_at),
+        cursor=encode_cursor(row.thread_id, row.change_seq),
+    )
+
+
+def event_of(row: MessageRow, delivered: int) -> messages_pb2.StreamThreadMessagesResponse:
+    """The stream event for `row`, given the last position the stream delivered.
+
+    A message created after that position is new to this client ("created");
+    otherwise the client knew it and this is an edit ("updated") or a delete.
+    """
+    message = message_to_proto(row)
+    if row.status == "deleted":
+        return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, deleted=message)
+    if row.seq > delivered:
+        return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, created=message)
+    return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, updated=message)

@@ -1,0 +1,352 @@
+"""SQL for messages and message_attachments. Every function takes a connection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from services.common.queries import named
+from services.common.types import DbConnection
+
+
+@dataclass(frozen=True)
+class AttachmentRow:
+    id: UUID
+    message_id: UUID
+    url: str
+    type: str
+    name: str
+    size: int
+    metadata: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: UUID
+    thread_id: UUID
+    user_id: UUID
+    content: str
+    parent_id: UUID | None
+    status: str
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    seq: int
+    change_seq: int
+    attachments: list[AttachmentRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NewAttachment:
+    url: str
+    type: str
+    name: str
+    size: int
+    metadata: dict[str, Any] | None
+
+
+SEND = named(
+    "messages.send",
+    "SELECT outcome, message_id FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)",
+)
+GET = named(
+    "messages.get",
+    """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages WHERE id = $1
+    """,
+)
+ATTACHMENTS_OF = named(
+    "messages.attachments_of",
+    """
+    SELECT id, message_id, url, type, name, size, metadata, created_at
+    FROM message_attachments WHERE message_id = ANY ($1::uuid[])
+    ORDER BY created_at, id
+    """,
+)
+# History, newest first, keyset on idx_messages_thread (thread_id, created_at DESC, id DESC):
+# a page is one index range scan wherever it starts, so deep pages cost what the first does.
+THREAD_PAGE = named(
+    "messages.thread_page",
+    """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages
+    WHERE thread_id = $1
+      AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $4
+    """,
+)
+REPLIES_PAGE = named(
+    "messages.replies_page",
+    """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages
+    WHERE parent_id = $1
+      AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+    ORDER BY created_at, id
+    LIMIT $4
+    """,
+)
+USER_PAGE = named(
+    "messages.user_page",
+    """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages
+    WHERE user_id = $1
+      AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $4
+    """,
+)
+# JSONB containment through the GIN index idx_messages_metadata.
+SEARCH_PAGE = named(
+    "messages.search_page",
+    """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages
+    WHERE metadata @> $1::jsonb
+      AND ($2::uuid IS NULL OR thread_id = $2)
+      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $5
+    """,
+)
+# Replay and live fetch: a thread's changes after a position, in commit order.
+EVENTS_AFTER = named(
+    "messages.events_after",
+    """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages
+    WHERE thread_id = $1 AND change_seq > $2
+    ORDER BY change_seq
+    LIMIT $3
+    """,
+)
+LAST_SEQ = named("messages.last_seq", "SELECT last_seq FROM threads WHERE id = $1")
+# A change to an existing message takes the next position under the thread lock.
+BUMP = named(
+    "messages.bump_thread",
+    "UPDATE threads SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+)
+EDIT = named(
+    "messages.edit",
+    """
+    UPDATE messages SET
+        content = CASE WHEN $2 THEN $3 ELSE content END,
+        metadata = CASE WHEN $4 THEN $5::jsonb ELSE metadata END,
+        status = 'edited',
+        updated_at = greatest(now(), updated_at + interval '1 microsecond'),
+        change_seq = $6
+    WHERE id = $1 AND status <> 'deleted'
+    RETURNING id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+              updated_at, seq, change_seq
+    """,
+)
+TOMBSTONE = named(
+    "messages.tombstone",
+    """
+    UPDATE messages SET content = '', metadata = NULL, status = 'deleted',
+        updated_at = greatest(now(), updated_at + interval '1 microsecond'),
+        change_seq = $2
+    WHERE id = $1 AND status <> 'deleted'
+    RETURNING id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+              updated_at, seq, change_seq
+    """,
+)
+DROP_ATTACHMENTS = named(
+    "messages.drop_attachments", "DELETE FROM message_attachments WHERE message_id = $1"
+)
+TOUCH = named(
+    "messages.touch",
+    """
+    UPDATE messages SET change_seq = $2,
+        updated_at = greatest(now(), updated_at + interval '1 microsecond')
+    WHERE id = $1
+    """,
+)
+INSERT_ATTACHMENT = named(
+    "messages.insert_attachment",
+    """
+    INSERT INTO message_attachments (message_id, url, type, name, size, metadata)
+    VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+    RETURNING id, message_id, url, type, name, size, metadata, created_at
+    """,
+)
+COUNT_ATTACHMENTS = named(
+    "messages.count_attachments",
+    "SELECT count(*) FROM message_attachments WHERE message_id = $1",
+)
+NOTIFY = named("messages.notify", "SELECT pg_notify('chat_thread_events', $1)")
+MEMBERSHIP = named(
+    "messages.membership",
+    """
+    SELECT t.is_archived, p.role
+    FROM threads t LEFT JOIN thread_participants p ON p.thread_id = t.id AND p.user_id = $2
+    WHERE t.id = $1
+    """,
+)
+
+
+def _message(record: asyncpg.Record) -> MessageRow:
+    return MessageRow(**dict(record))
+
+
+def _attachment(record: asyncpg.Record) -> AttachmentRow:
+    return AttachmentRow(**dict(record))
+
+
+async def with_attachments(conn: DbConnection, rows: Sequence[MessageRow]) -> list[MessageRow]:
+    """The rows with their attachments (one query for the whole page)."""
+    if not rows:
+        return []
+    found: dict[UUID, list[AttachmentRow]] = {}
+    for record in await conn.fetch(ATTACHMENTS_OF, [r.id for r in rows]):
+        found.setdefault(record["message_id"], []).append(_attachment(record))
+    return [MessageRow(**{**r.__dict__, "attachments": found.get(r.id, [])}) for r in rows]
+
+
+async def send(
+    conn: DbConnection,
+    *,
+    thread_id: UUID,
+    user_id: UUID,
+    content: str,
+    parent_id: UUID | None,
+    metadata: dict[str, Any] | None,
+    request_id: UUID | None,
+    attachments: Sequence[NewAttachment],
+) -> tuple[str, UUID | None]:
+    payload = [
+        {"url": a.url, "type": a.type, "name": a.name, "size": a.size, "metadata": a.metadata}
+        for a in attachments
+    ]
+    record = await conn.fetchrow(
+        SEND, thread_id, user_id, content, parent_id, metadata, request_id, payload
+    )
+    assert record is not None
+    return str(record["outcome"]), record["message_id"]
+
+
+async def get_message(conn: DbConnection, message_id: UUID) -> MessageRow | None:
+    record = await conn.fetchrow(GET, message_id)
+    if record is None:
+        return None
+    return (await with_attachments(conn, [_message(record)]))[0]
+
+
+async def page(conn: DbConnection, sql: str, *args: object) -> list[MessageRow]:
+    """One page of a listing query (the SQL constants above), with attachments."""
+    return await with_attachments(conn, [_message(r) for r in await conn.fetch(sql, *args)])
+
+
+async def events_after(
+    conn: DbConnection, thread_id: UUID, after: int, limit: int
+) -> list[MessageRow]:
+    return await page(conn, EVENTS_AFTER, thread_id, after, limit)
+
+
+async def last_seq(conn: DbConnection, thread_id: UUID) -> int | None:
+    value = await conn.fetchval(LAST_SEQ, thread_id)
+    return None if value is None else int(value)
+
+
+async def membership(
+    conn: DbConnection, thread_id: UUID, user_id: UUID | None
+) -> tuple[bool, str | None] | None:
+    """(thread archived, user's role or None); None when the thread does not exist."""
+    record = await conn.fetchrow(MEMBERSHIP, thread_id, user_id)
+    return None if record is None else (record["is_archived"], record["role"])
+
+
+async def _bump(conn: DbConnection, thread_id: UUID) -> int:
+    return int(await conn.fetchval(BUMP, thread_id))
+
+
+async def _notify(conn: DbConnection, thread_id: UUID, seq: int) -> None:
+    await conn.execute(NOTIFY, f"{thread_id}:{seq}")
+
+
+async def edit(
+    conn: DbConnection,
+    message: MessageRow,
+    *,
+    content: str | None,
+    metadata: tuple[bool, dict[str, Any] | None],
+) -> MessageRow | None:
+    """Apply an edit in the caller's transaction; None if the message was deleted meanwhile."""
+    seq = await _bump(conn, message.thread_id)
+    record = await conn.fetchrow(
+        EDIT,
+        message.id,
+        content is not None,
+        content,
+        metadata[0],
+        metadata[1],
+        seq,
+    )
+    if record is None:
+        return None
+    await _notify(conn, message.thread_id, seq)
+    return (await with_attachments(conn, [_message(record)]))[0]
+
+
+async def tombstone(conn: DbConnection, message: MessageRow) -> MessageRow:
+    """Soft-delete in the caller's transaction; deleting a tombstone changes nothing."""
+    seq = await _bump(conn, message.thread_id)
+    record = await conn.fetchrow(TOMBSTONE, message.id, seq)
+    if record is None:  # already deleted: idempotent, and no new position is used
+        raise AlreadyDeleted
+    await conn.execute(DROP_ATTACHMENTS, message.id)
+    await _notify(conn, message.thread_id, seq)
+    return _message(record)
+
+
+class AlreadyDeleted(Exception):
+    """Raised inside the transaction so the unused position bump rolls back."""
+
+
+async def count_attachments(conn: DbConnection, message_id: UUID) -> int:
+    return int(await conn.fetchval(COUNT_ATTACHMENTS, message_id))
+
+
+async def add_attachment(
+    conn: DbConnection, message: MessageRow, attachment: NewAttachment
+) -> AttachmentRow:
+    seq = await _bump(conn, message.thread_id)
+    record = await conn.fetchrow(
+        INSERT_ATTACHMENT,
+        message.id,
+        attachment.url,
+        attachment.type,
+        attachment.name,
+        attachment.size,
+        attachment.metadata,
+    )
+    assert record is not None
+    await conn.execute(TOUCH, message.id, seq)
+    await _notify(conn, message.thread_id, seq)
+    return _attachment(record)
+
+
+BY_REQUEST = named(
+    "messages.by_request",
+    "SELECT id FROM messages WHERE user_id = $1 AND request_id = $2",
+)
+
+
+async def message_for_request(conn: DbConnection, user_id: UUID, request_id: UUID) -> UUID | None:
+    value = await conn.fetchval(BY_REQUEST, user_id, request_id)
+    return None if value is None else UUID(str(value))

@@ -1,0 +1,244 @@
+"""StreamThreadMessages: replay then live, resume, fan-out across processes, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import TYPE_CHECKING
+
+import asyncpg
+import grpc
+import pytest
+from chat.v1 import messages_pb2, messages_pb2_grpc
+
+from services.common.settings import ServiceSettings
+from services.messages.service import DEFINITION
+from tests.conftest import running
+from tests.messages.conftest import MessagesServer, Room, as_user
+from tests.processes import start_service_process
+
+if TYPE_CHECKING:
+    from tests.messages.conftest import Stub
+
+Event = messages_pb2.StreamThreadMessagesResponse
+
+
+async def send(
+    messages: Stub, room: Room, content: str, user: str | None = None
+) -> messages_pb2.Message:
+    author = user or room.member
+    reply = await messages.SendMessage(
+        messages_pb2.SendMessageRequest(thread_id=room.thread_id, user_id=author, content=content),
+        metadata=as_user(author),
+    )
+    return reply.message
+
+
+def open_stream(
+    messages: Stub, room: Room, after: str = "", user: str | None = None
+) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+    return messages.StreamThreadMessages(
+        messages_pb2.StreamThreadMessagesRequest(thread_id=room.thread_id, after=after),
+        metadata=as_user(user or room.owner),
+    )
+
+
+async def read(stream: grpc.aio.UnaryStreamCall, n: int) -> list[Event]:  # type: ignore[type-arg]
+    events = []
+    for _ in range(n):
+        event = await asyncio.wait_for(stream.read(), timeout=30)
+        assert isinstance(event, Event), event
+        events.append(event)
+    return events
+
+
+async def until_subscribed(server: MessagesServer, count: int = 1) -> None:
+    for _ in range(600):  # bounded wait for the server to register the stream
+        if server.hub.subscriber_count >= count:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the stream never subscribed")
+
+
+async def test_replay_then_live_without_gap_or_duplicate(
+    server: MessagesServer, room: Room
+) -> None:
+    messages = server.stub
+    before = [await send(messages, room, f"old{i}") for i in range(5)]
+    stream = open_stream(messages, room, after=before[1].cursor)
+    # Sends race with the replay: every one must arrive exactly once, in order.
+    racing = asyncio.gather(*(send(messages, room, f"new{i}") for i in range(25)))
+    events = await read(stream, 3 + 25)
+    sent_live = await racing
+    stream.cancel()
+    ids = [e.created.id for e in events]
+    assert all(e.WhichOneof("event") == "created" for e in events)
+    assert len(set(ids)) == len(ids) == 28
+    assert ids[:3] == [m.id for m in before[2:]]
+    assert set(ids[3:]) == {m.id for m in sent_live}
+    history = await messages.ListMessages(
+        messages_pb2.ListMessagesRequest(thread_id=room.thread_id, page_size=200),
+        metadata=as_user(room.owner),
+    )
+    commit_order = [m.id for m in reversed(history.messages)]
+    assert ids == commit_order[2:]  # the stream's order is the commit order
+
+
+async def test_resume_from_a_cursor_misses_nothing(server: MessagesServer, room: Room) -> None:
+    messages = server.stub
+    stream = open_stream(messages, room)
+    await until_subscribed(server)
+    first = await send(messages, room, "one")
+    [event] = await read(stream, 1)
+    assert event.created.id == first.id
+    stream.cancel()  # the client goes away ...
+    missed = [await send(messages, room, f"while away {i}") for i in range(3)]
+    edited_first = await messages.UpdateMessage(
+        messages_pb2.UpdateMessageRequest(
+            message=messages_pb2.Message(id=first.id, content="one, edited"),
+            update_mask={"paths": ["content"]},  # type: ignore[arg-type]
+        ),
+        metadata=as_user(room.member),
+    )
+    resumed = open_stream(messages, room, after=event.cursor)  # ... and comes back
+    events = await read(resumed, 4)
+    assert [e.WhichOneof("event") for e in events] == ["created"] * 3 + ["updated"]
+    assert [e.created.id for e in events[:3]] == [m.id for m in missed]
+    assert events[3].updated.content == edited_first.message.content
+    deleted = await messages.DeleteMessage(
+        messages_pb2.DeleteMessageRequest(id=missed[0].id), metadata=as_user(room.member)
+    )
+    [tomb] = await read(resumed, 1)
+    assert tomb.WhichOneof("event") == "deleted" and tomb.deleted.id == deleted.message.id
+    resumed.cancel()
+
+
+async def test_live_only_stream_and_cursor_validation(server: MessagesServer, room: Room) -> None:
+    messages = server.stub
+    await send(messages, room, "before the stream")
+    stream = open_stream(messages, room)
+    await until_subscribed(server)
+    fresh = await send(messages, room, "after")
+    [event] = await read(stream, 1)
+    assert event.created.id == fresh.id
+    stream.cancel()
+    for after in ("garbage!", messages_pb2.Message().cursor or "YWJj"):
+        bad = open_stream(messages, room, after=after)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await bad.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    outsider = open_stream(messages, room, user=room.outsider)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await outsider.read()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_delivery_across_two_server_processes(
+    server: MessagesServer, room: Room, database_url: str
+) -> None:
+    other = await start_service_process("messages", database_url)
+    try:
+        async with grpc.aio.insecure_channel(other.address) as channel:
+            remote = messages_pb2_grpc.MessagesServiceStub(channel)
+            stream = open_stream(remote, room)
+            await asyncio.sleep(0.5)  # the other process registers the subscription
+            sent = await send(server.stub, room, "across processes")
+            [event] = await read(stream, 1)
+            assert event.created.id == sent.id
+            stream.cancel()
+    finally:
+        assert await other.stop() == 0
+
+
+async def test_slow_consumer_is_cut_off_not_buffered(
+    room: Room, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAM_BUFFER_EVENTS", "4")
+    settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
+    # A reader with a small, fixed flow-control window: once it stops reading, the
+    # server cannot write more out and its per-stream buffer fills.
+    slow_reader_options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16_384)]
+    async with (
+        running(DEFINITION, settings) as (service, channel),
+        grpc.aio.insecure_channel(service.address, options=slow_reader_options) as slow,
+    ):
+        messages = messages_pb2_grpc.MessagesServiceStub(channel)
+        stream = open_stream(messages_pb2_grpc.MessagesServiceStub(slow), room)
+        server = MessagesServer(service, channel, messages)
+        await until_subscribed(server)
+        for i in range(40):
+            await send(messages, room, f"{i} " + "x" * 9_000)
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                event = await asyncio.wait_for(stream.read(), timeout=30)
+                assert isinstance(event, Event)
+                received += 1
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert received < 40
+        assert server.hub.subscriber_count == 0
+
+
+async def test_cancellation_leaves_nothing_behind(server: MessagesServer, room: Room) -> None:
+    messages = server.stub
+    baseline = len(asyncio.all_tasks())
+    streams = [open_stream(messages, room) for _ in range(5)]
+    await until_subscribed(server, 5)
+    await send(messages, room, "to everyone")
+    for stream in streams:
+        assert len(await read(stream, 1)) == 1
+        stream.cancel()
+    for _ in range(500):  # bounded wait for the server to see the cancellations
+        if server.hub.subscriber_count == 0 and server.hub.feed_count == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (server.hub.subscriber_count, server.hub.feed_count) == (0, 0)
+    for _ in range(500):
+        if len(asyncio.all_tasks()) <= baseline:
+            break
+        await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) <= baseline
+
+
+async def test_removed_participant_stream_ends(
+    server: MessagesServer, room: Room, db_pool: asyncpg.Pool
+) -> None:
+    watcher = open_stream(server.stub, room, user=room.member)
+    owner_view = open_stream(server.stub, room, user=room.owner)
+    await until_subscribed(server, 2)
+    async with db_pool.acquire() as conn, conn.transaction():
+        # What ThreadsService.RemoveParticipant does (the cross-service contract).
+        await conn.execute(
+            "DELETE FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
+            uuid.UUID(room.thread_id),
+            uuid.UUID(room.member),
+        )
+        await conn.execute(
+            "SELECT pg_notify('chat_membership', $1)",
+            json.dumps({"thread_id": room.thread_id, "user_id": room.member}),
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(watcher.read(), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    sent = await send(server.stub, room, "still here", user=room.owner)
+    [event] = await read(owner_view, 1)  # others keep streaming
+    assert event.created.id == sent.id
+    owner_view.cancel()
+
+
+async def test_listener_reconnects_and_catches_up(
+    server: MessagesServer, room: Room, db_pool: asyncpg.Pool
+) -> None:
+    stream = open_stream(server.stub, room)
+    await until_subscribed(server)
+    killed = await db_pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'chat-messages-listener' AND datname = current_database()"
+    )
+    assert killed == 1
+    # Sent while the process has no listening connection: the catch-up delivers it.
+    sent = await send(server.stub, room, "during the outage")
+    [event] = await read(stream, 1)
+    assert event.created.id == sent.id
+    stream.cancel()

@@ -183,8 +183,8 @@ async def _seed_backlog(
             INSERT INTO thread_participants (thread_id, user_id, role)
             SELECT t.id, u.id, 'member' FROM t, unnest(ARRAY[$1::uuid, $2::uuid]) AS u(id)
         )
-        INSERT INTO messages (thread_id, user_id, content, created_at)
-        SELECT t.id, $2, 'backlog', now() - make_interval(secs => g)
+        INSERT INTO messages (thread_id, user_id, content, created_at, seq, change_seq)
+        SELECT t.id, $2, 'backlog', now() - make_interval(secs => g), $4 - g + 1, $4 - g + 1
         FROM t, generate_series(1, $4) g
         """,
         uuid.UUID(user),

@@ -7,6 +7,7 @@ the first takes the lock, the others wait for it and then find nothing to do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Arbitrary constant naming this project's migration lock (pg_advisory_lock key).
 MIGRATION_LOCK_KEY = 0x63686174_6D696772  # "chatmigr"
+LOCK_POLL_INTERVAL_S = 0.2
 
 _CREATE_HISTORY = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -67,6 +69,7 @@ class Migrator:
         self._migrations = {m.version: m for m in migrations}
         self._lock_timeout = lock_timeout
         self._statement_timeout = statement_timeout
+        self._waiting_logged = False
 
     @property
     def connection(self) -> asyncpg.Connection:
@@ -141,10 +144,14 @@ class Migrator:
 
     @asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
-        got = await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY)
-        if not got:
-            log.info("another migration runner holds the lock; waiting for it")
-            await self._conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        # Poll rather than block in pg_advisory_lock(): a session blocked inside a
+        # statement holds a snapshot, and CREATE INDEX CONCURRENTLY in the lock
+        # holder's migration waits for every such snapshot: a deadlock.
+        while not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY):
+            if not self._waiting_logged:
+                log.info("another migration runner holds the lock; waiting for it")
+                self._waiting_logged = True
+            await asyncio.sleep(LOCK_POLL_INTERVAL_S)
         try:
             await self._conn.execute(_CREATE_HISTORY)
             problems = await self.problems()

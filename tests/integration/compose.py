@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
             "THREADS_ADDR": "127.0.0.1:50052",
             "MESSAGES_ADDR": "127.0.0.1:50053",
             "MESSAGES_REPLICA_ADDR": "127.0.0.1:50054",
+            "METRICS_ADDRS": "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103,127.0.0.1:9104",
         }
         return subprocess.call(
             [sys.executable, "-m", "pytest", "tests/integration", *argv], cwd=REPO, env=env

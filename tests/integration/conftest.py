@@ -10,6 +10,7 @@ processes.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,27 +31,50 @@ class Addresses:
     threads: str
     messages: str
     messages_replica: str | None
+    # Prometheus endpoints (host:port): users, threads, then every messages replica.
+    metrics: tuple[str, ...] = ()
+    # The database, when the suite started the services itself (operations tests).
+    database_url: str | None = None
 
 
 @pytest.fixture(scope="module")
 async def system(database_factory: DatabaseFactory) -> AsyncIterator[Addresses]:
     given = {name: os.environ.get(var) for name, var in ADDRESS_VARIABLES.items()}
     if all(given.values()):
+        metrics = os.environ.get("METRICS_ADDRS", "")
         yield Addresses(
             **{name: str(addr) for name, addr in given.items()},
             messages_replica=os.environ.get("MESSAGES_REPLICA_ADDR"),
+            metrics=tuple(m for m in metrics.split(",") if m),
         )
         return
     url = await database_factory.create()
     procs: list[ServiceProcess] = []
     try:
-        for name in [*ADDRESS_VARIABLES, "messages"]:
-            procs.append(await start_service_process(name, url))
-        yield Addresses(*(p.address for p in procs))
+        metrics_ports = [free_port() for _ in ADDRESS_VARIABLES]
+        for name, port in zip(ADDRESS_VARIABLES, metrics_ports, strict=True):
+            procs.append(await start_service_process(name, url, METRICS_PORT=str(port)))
+        procs.append(await start_service_process("messages", url))  # a second replica
+        users, threads, messages, replica = (p.address for p in procs)
+        yield Addresses(
+            users,
+            threads,
+            messages,
+            replica,
+            metrics=tuple(f"127.0.0.1:{port}" for port in metrics_ports),
+            database_url=url,
+        )
     finally:
         for proc in procs:
             await proc.stop()
         await database_factory.drop(url)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass

@@ -18,7 +18,6 @@ from services.common.types import DbConnection
 # "UNREAD_CAP+" (capped). Counting stops there, so an inbox page costs at most
 # page_size * (UNREAD_CAP + 1) index entries however large the backlog.
 UNREAD_CAP = 100
-MEMBERSHIP_CHANNEL = "chat_membership"
 
 
 @dataclass(frozen=True)

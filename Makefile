@@ -8,12 +8,13 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-db test-compose lint proto venv clean help
+.PHONY: run test test-db test-compose bench lint proto venv clean help
 
 help:
 	@echo "make run     start PostgreSQL (embedded unless DATABASE_URL is set) and the three services"
 	@echo "make test    run the whole test suite against a real PostgreSQL"
 	@echo "make lint    ruff, mypy, buf lint, squawk"
+	@echo "make bench   benchmark the hot paths against their ceilings (BENCH_ARGS=--scale 2)"
 	@echo "make test-compose  the integration suite against the docker compose stack"
 	@echo "make proto   regenerate gen/ from protos/"
 
@@ -40,6 +41,10 @@ test-db: $(STAMP)
 # POSTGRES_IMAGE=local/postgres:15 PYTHON_IMAGE=local/python:3.11 make test-compose).
 test-compose: $(STAMP)
 	$(PY) -m tests.integration.compose $(PYTEST_ARGS)
+
+# The hot paths against their ceilings (embedded PostgreSQL unless DATABASE_URL).
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-_SERVING = re.compile(rb"serving chat\.v1\.\w+ on port (\d+)")
+_SERVING = re.compile(rb"serving [\w.]+ on port (\d+)")
 START_TIMEOUT_S = 60.0
 
 
@@ -41,11 +41,14 @@ class ServiceProcess:
         return code
 
 
-async def start_service_process(name: str, database_url: str, **env: str) -> ServiceProcess:
+async def start_service_process(
+    name: str, database_url: str, *, module: str | None = None, **env: str
+) -> ServiceProcess:
+    """Start `python -m services.<name>` (or `module`) on a free port."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        f"services.{name}",
+        module or f"services.{name}",
         cwd=REPO,
         env={
             **os.environ,

@@ -47,10 +47,36 @@ CREATE UNIQUE INDEX idx_messages_thread_change ON messages (thread_id, change_se
 CREATE UNIQUE INDEX idx_messages_request ON messages (user_id, request_id)
     WHERE request_id IS NOT NULL;
 
--- The whole send in one transaction and one round trip. Returns an outcome:
--- 'created' or 'duplicate' (a retry of request_id: the original, nothing
--- written) with the message; or a refusal ('thread_not_found', 'not_participant',
--- 'archived', 'inactive', 'bad_parent') and no row.
+-- Why a send must be refused, or NULL when it may go ahead.
+CREATE FUNCTION chat_send_refusal(
+    p_thread_id uuid, p_user_id uuid, p_parent_id uuid, p_archived boolean
+) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN NOT EXISTS (SELECT 1 FROM thread_participants p
+                         WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id)
+            THEN 'not_participant'
+        WHEN p_archived THEN 'archived'
+        WHEN NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_user_id AND u.is_active)
+            THEN 'inactive'
+        WHEN p_parent_id IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM messages m WHERE m.id = p_parent_id AND m.thread_id = p_thread_id)
+            THEN 'bad_parent'
+    END
+$$;
+
+-- A message's attachments as a JSON array (oldest first).
+CREATE FUNCTION chat_message_attachments(p_message_id uuid) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(to_jsonb(a) ORDER BY a.created_at, a.id), '[]'::jsonb)
+    FROM message_attachments a WHERE a.message_id = p_message_id
+$$;
+
+-- The whole send in one transaction and one round trip. Returns one row: an
+-- outcome, 'created' or 'duplicate' (a retry of request_id: the original, nothing
+-- written) with the message and its attachments; or a refusal
+-- ('thread_not_found', 'not_participant', 'archived', 'inactive', 'bad_parent')
+-- with NULLs.
 CREATE FUNCTION chat_send_message(
     p_thread_id uuid,
     p_user_id uuid,
@@ -59,7 +85,11 @@ CREATE FUNCTION chat_send_message(
     p_metadata jsonb,
     p_request_id uuid,
     p_attachments jsonb
-) RETURNS TABLE (outcome text, message_id uuid)
+) RETURNS TABLE (
+    outcome text, id uuid, thread_id uuid, user_id uuid, content text, parent_id uuid,
+    status varchar, metadata jsonb, created_at timestamptz, updated_at timestamptz,
+    seq bigint, change_seq bigint, attachments jsonb
+)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -68,42 +98,35 @@ DECLARE
     v_archived boolean;
     v_existing uuid;
     v_id uuid;
+    v_outcome text;
 BEGIN
     -- Every send to a thread serialises here: positions and created_at follow
     -- commit order, and a racing retry waits for the original to commit.
     SELECT t.is_archived INTO v_archived FROM threads t WHERE t.id = p_thread_id FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'thread_not_found'::text, NULL::uuid;
+        RETURN QUERY SELECT 'thread_not_found'::text, NULL::uuid, NULL::uuid, NULL::uuid,
+            NULL::text, NULL::uuid, NULL::varchar, NULL::jsonb, NULL::timestamptz,
+            NULL::timestamptz, NULL::bigint, NULL::bigint, NULL::jsonb;
         RETURN;
     END IF;
     IF p_request_id IS NOT NULL THEN
         SELECT m.id INTO v_existing FROM messages m
         WHERE m.user_id = p_user_id AND m.request_id = p_request_id;
         IF FOUND THEN
-            RETURN QUERY SELECT 'duplicate'::text, v_existing;
-            RETURN;
+            v_outcome := 'duplicate';
+            v_id := v_existing;
         END IF;
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM thread_participants p
-                   WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id) THEN
-        RETURN QUERY SELECT 'not_participant'::text, NULL::uuid;
+    IF v_outcome IS NULL THEN
+        v_outcome := chat_send_refusal(p_thread_id, p_user_id, p_parent_id, v_archived);
+    END IF;
+    IF v_outcome IS NOT NULL THEN
+        RETURN QUERY SELECT v_outcome, m.id, m.thread_id, m.user_id, m.content, m.parent_id,
+            m.status, m.metadata, m.created_at, m.updated_at, m.seq, m.change_seq,
+            chat_message_attachments(m.id)
+        FROM (SELECT 1) AS one LEFT JOIN messages m ON m.id = v_id;
         RETURN;
     END IF;
-    IF v_archived THEN
-        RETURN QUERY SELECT 'archived'::text, NULL::uuid;
-        RETURN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_user_id AND u.is_active) THEN
-        RETURN QUERY SELECT 'inactive'::text, NULL::uuid;
-        RETURN;
-    END IF;
-    IF p_parent_id IS NOT NULL AND NOT EXISTS (
-        SELECT 1 FROM messages m WHERE m.id = p_parent_id AND m.thread_id = p_thread_id
-    ) THEN
-        RETURN QUERY SELECT 'bad_parent'::text, NULL::uuid;
-        RETURN;
-    END IF;
-
     UPDATE threads t
     SET last_seq = t.last_seq + 1,
         last_message_at = greatest(
@@ -129,13 +152,20 @@ BEGIN
     WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id;
 
     PERFORM pg_notify('chat_thread_events', p_thread_id::text || ':' || v_last_seq::text);
-    RETURN QUERY SELECT 'created'::text, v_id;
+    RETURN QUERY SELECT 'created'::text, m.id, m.thread_id, m.user_id, m.content, m.parent_id,
+        m.status, m.metadata, m.created_at, m.updated_at, m.seq, m.change_seq,
+        chat_message_attachments(m.id)
+    FROM messages m WHERE m.id = v_id;
 END $$;
 
 -- migrate:down
 
 -- squawk-ignore ban-drop-function
 DROP FUNCTION chat_send_message(uuid, uuid, text, uuid, jsonb, uuid, jsonb);
+-- squawk-ignore ban-drop-function
+DROP FUNCTION chat_message_attachments(uuid);
+-- squawk-ignore ban-drop-function
+DROP FUNCTION chat_send_refusal(uuid, uuid, uuid, boolean);
 -- squawk-ignore require-concurrent-index-deletion
 DROP INDEX idx_messages_request;
 -- squawk-ignore require-concurrent-index-deletion

@@ -211,7 +211,7 @@ def run_service(definition: ServiceDefinition) -> int:
             file=sys.stderr,
         )
         return 2
-    configure_logging(settings.log_level, definition.name)
+    configure_logging(settings.log_level, definition.name, settings.rpc_log_level)
     if not settings.token_list():
         log.warning("AUTH_TOKENS is not set: any caller is accepted (fine for development only)")
     try:

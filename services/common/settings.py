@@ -59,6 +59,8 @@ class ServiceSettings(DatabaseSettings):
     grpc_port: int | None = Field(default=None, ge=0, le=65535, alias="GRPC_PORT")
     grpc_host: str = Field(default="[::]", alias="GRPC_HOST")
     log_level: str = Field(default="INFO", alias="LOG_LEVEL")
+    # Level of the one-line-per-RPC log; WARNING keeps only failed calls (busy services).
+    rpc_log_level: str = Field(default="INFO", alias="RPC_LOG_LEVEL")
     # Comma-separated bearer tokens of the services allowed to call; unset = open.
     auth_tokens: SecretStr | None = Field(default=None, alias="AUTH_TOKENS")
     # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.
@@ -74,7 +76,7 @@ class ServiceSettings(DatabaseSettings):
     health_check_timeout_s: float = Field(default=2.0, gt=0, alias="HEALTH_CHECK_TIMEOUT")
     health_failure_threshold: int = Field(default=3, ge=1, alias="HEALTH_FAILURE_THRESHOLD")
 
-    @field_validator("log_level")
+    @field_validator("log_level", "rpc_log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
         level = value.upper()

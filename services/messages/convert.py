@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from uuid import UUID
+
 from chat.v1 import messages_pb2
 
 from services.common.convert import to_struct, to_timestamp
@@ -45,13 +48,33 @@ def message_to_proto(row: MessageRow) -> messages_pb2.Message:
     )
 
 
+class _RecentProtos:
+    """Each live row becomes a protobuf once, not once per subscriber of its thread."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[UUID, int], messages_pb2.Message] = OrderedDict()
+
+    def get(self, row: MessageRow) -> messages_pb2.Message:
+        key = (row.id, row.change_seq)
+        found = self._items.get(key)
+        if found is None:
+            found = self._items[key] = message_to_proto(row)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return found
+
+
+_recent = _RecentProtos()
+
+
 def event_of(row: MessageRow, delivered: int) -> messages_pb2.StreamThreadMessagesResponse:
     """The stream event for `row`, given the last position the stream delivered.
 
     A message created after that position is new to this client ("created");
     otherwise the client knew it and this is an edit ("updated") or a delete.
     """
-    message = message_to_proto(row)
+    message = _recent.get(row)
     if row.status == "deleted":
         return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, deleted=message)
     if row.seq > delivered:

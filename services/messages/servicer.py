@@ -8,7 +8,7 @@ a thread OWNER/ADMIN deletes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -40,6 +40,15 @@ from services.messages.validation import (
 )
 
 Position = tuple[datetime, UUID]
+ListRequest = (
+    messages_pb2.ListMessagesRequest
+    | messages_pb2.ListRepliesRequest
+    | messages_pb2.ListUserMessagesRequest
+)
+
+
+async def _no_check(conn: DbConnection) -> None:
+    return None
 
 
 async def _thread_access(
@@ -112,7 +121,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             raise PermissionDenied("a user may only send as themselves")
         async with self._pool.acquire() as conn:
             try:
-                outcome, message_id = await store.send(
+                outcome, message = await store.send(
                     conn,
                     thread_id=thread_id,
                     user_id=user_id,
@@ -126,11 +135,9 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
                 # The same request_id raced in through another thread: the original wins.
                 assert request_id is not None
                 outcome = "duplicate"
-                message_id = await store.message_for_request(conn, user_id, request_id)
-            if outcome in ("created", "duplicate") and message_id is not None:
-                message = await store.get_message(conn, message_id)
-                assert message is not None
-                return messages_pb2.SendMessageResponse(message=message_to_proto(message))
+                message = await store.message_for_request(conn, user_id, request_id)
+        if message is not None:
+            return messages_pb2.SendMessageResponse(message=message_to_proto(message))
         raise self._refusal(outcome, caller, thread_id)
 
     @staticmethod
@@ -164,58 +171,62 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             message, _ = await _message_access(conn, caller_of(context), message_id)
         return messages_pb2.GetMessageResponse(message=message_to_proto(message))
 
+    async def _page(
+        self,
+        kind: str,
+        key: tuple[str, UUID],
+        sql: str,
+        request: ListRequest,
+        check: Callable[[DbConnection], Awaitable[object]],
+    ) -> tuple[list[messages_pb2.Message], str]:
+        """One keyset page of a listing: `check` runs first on the same connection."""
+        size = page_size_of(request.page_size)
+        params = {key[0]: str(key[1])}
+        after = _position(request.page_token, kind, params)
+        async with self._pool.acquire() as conn:
+            await check(conn)
+            rows = await store.page(conn, sql, key[1], *(after or (None, None)), size + 1)
+        return [message_to_proto(r) for r in rows[:size]], _next_token(rows, size, kind, params)
+
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
     ) -> messages_pb2.ListMessagesResponse:
         thread_id = parse_uuid(request.thread_id, "thread_id")
-        size = page_size_of(request.page_size)
-        params = {"thread": str(thread_id)}
-        after = _position(request.page_token, "history", params)
-        async with self._pool.acquire() as conn:
-            await _thread_access(conn, caller_of(context), thread_id)
-            rows = await store.page(
-                conn, store.THREAD_PAGE, thread_id, *(after or (None, None)), size + 1
-            )
-        return messages_pb2.ListMessagesResponse(
-            messages=[message_to_proto(r) for r in rows[:size]],
-            next_page_token=_next_token(rows, size, "history", params),
+        caller = caller_of(context)
+        found, token = await self._page(
+            "history",
+            ("thread", thread_id),
+            store.THREAD_PAGE,
+            request,
+            lambda conn: _thread_access(conn, caller, thread_id),
         )
+        return messages_pb2.ListMessagesResponse(messages=found, next_page_token=token)
 
     async def ListReplies(
         self, request: messages_pb2.ListRepliesRequest, context: Context
     ) -> messages_pb2.ListRepliesResponse:
         parent_id = parse_uuid(request.parent_id, "parent_id")
-        size = page_size_of(request.page_size)
-        params = {"parent": str(parent_id)}
-        after = _position(request.page_token, "replies", params)
-        async with self._pool.acquire() as conn:
-            await _message_access(conn, caller_of(context), parent_id)
-            rows = await store.page(
-                conn, store.REPLIES_PAGE, parent_id, *(after or (None, None)), size + 1
-            )
-        return messages_pb2.ListRepliesResponse(
-            messages=[message_to_proto(r) for r in rows[:size]],
-            next_page_token=_next_token(rows, size, "replies", params),
+        caller = caller_of(context)
+        found, token = await self._page(
+            "replies",
+            ("parent", parent_id),
+            store.REPLIES_PAGE,
+            request,
+            lambda conn: _message_access(conn, caller, parent_id),
         )
+        return messages_pb2.ListRepliesResponse(messages=found, next_page_token=token)
 
     async def ListUserMessages(
         self, request: messages_pb2.ListUserMessagesRequest, context: Context
     ) -> messages_pb2.ListUserMessagesResponse:
         user_id = parse_uuid(request.user_id, "user_id")
-        size = page_size_of(request.page_size)
         caller = caller_of(context)
         if not caller.trusted and not caller.is_user(user_id):
             raise PermissionDenied("a user may only list their own messages")
-        params = {"user": str(user_id)}
-        after = _position(request.page_token, "user-history", params)
-        async with self._pool.acquire() as conn:
-            rows = await store.page(
-                conn, store.USER_PAGE, user_id, *(after or (None, None)), size + 1
-            )
-        return messages_pb2.ListUserMessagesResponse(
-            messages=[message_to_proto(r) for r in rows[:size]],
-            next_page_token=_next_token(rows, size, "user-history", params),
+        found, token = await self._page(
+            "user-history", ("user", user_id), store.USER_PAGE, request, _no_check
         )
+        return messages_pb2.ListUserMessagesResponse(messages=found, next_page_token=token)
 
     async def UpdateMessage(
         self, request: messages_pb2.UpdateMessageRequest, context: Context

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -53,7 +53,11 @@ class NewAttachment:
 
 SEND = named(
     "messages.send",
-    "SELECT outcome, message_id FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)",
+    """
+    SELECT outcome, id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq, attachments
+    FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)
+    """,
 )
 GET = named(
     "messages.get",
@@ -215,7 +219,8 @@ async def with_attachments(conn: DbConnection, rows: Sequence[MessageRow]) -> li
     found: dict[UUID, list[AttachmentRow]] = {}
     for record in await conn.fetch(ATTACHMENTS_OF, [r.id for r in rows]):
         found.setdefault(record["message_id"], []).append(_attachment(record))
-    return [MessageRow(**{**r.__dict__, "attachments": found.get(r.id, [])}) for r in rows]
+    # Most messages have none: only those with attachments are rebuilt.
+    return [replace(r, attachments=found[r.id]) if r.id in found else r for r in rows]
 
 
 async def send(
@@ -228,7 +233,8 @@ async def send(
     metadata: dict[str, Any] | None,
     request_id: UUID | None,
     attachments: Sequence[NewAttachment],
-) -> tuple[str, UUID | None]:
+) -> tuple[str, MessageRow | None]:
+    """One round trip: (outcome, the message) or (refusal, None); see chat_send_message."""
     payload = [
         {"url": a.url, "type": a.type, "name": a.name, "size": a.size, "metadata": a.metadata}
         for a in attachments
@@ -237,7 +243,26 @@ async def send(
         SEND, thread_id, user_id, content, parent_id, metadata, request_id, payload
     )
     assert record is not None
-    return str(record["outcome"]), record["message_id"]
+    if record["id"] is None:
+        return str(record["outcome"]), None
+    columns = dict(record)
+    outcome = columns.pop("outcome")
+    stored = [_attachment_from_json(a) for a in columns.pop("attachments")]
+    return str(outcome), MessageRow(**columns, attachments=stored)
+
+
+def _attachment_from_json(value: dict[str, Any]) -> AttachmentRow:
+    """An attachment as chat_send_message returns it (to_jsonb of the row)."""
+    return AttachmentRow(
+        id=UUID(value["id"]),
+        message_id=UUID(value["message_id"]),
+        url=value["url"],
+        type=value["type"],
+        name=value["name"],
+        size=int(value["size"]),
+        metadata=value["metadata"],
+        created_at=datetime.fromisoformat(value["created_at"]),
+    )
 
 
 async def get_message(conn: DbConnection, message_id: UUID) -> MessageRow | None:
@@ -347,6 +372,8 @@ BY_REQUEST = named(
 )
 
 
-async def message_for_request(conn: DbConnection, user_id: UUID, request_id: UUID) -> UUID | None:
+async def message_for_request(
+    conn: DbConnection, user_id: UUID, request_id: UUID
+) -> MessageRow | None:
     value = await conn.fetchval(BY_REQUEST, user_id, request_id)
-    return None if value is None else UUID(str(value))
+    return None if value is None else await get_message(conn, value)

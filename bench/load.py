@@ -1,0 +1,149 @@
+"""Load generators that run in their own processes (the services' CPU is not theirs).
+
+`run_clients` drives one scenario with N concurrent clients for a fixed time
+and returns the latency of every call that started after the warm-up;
+`run_subscribers` holds live streams and records when each message arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import grpc
+import uvloop
+from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2, threads_pb2_grpc
+
+from services.messages import store
+
+Call = Callable[[int, int], Awaitable[object]]
+
+
+async def _caller(spec: dict[str, Any], closers: list[Callable[[], Awaitable[object]]]) -> Call:
+    kind = spec["kind"]
+    if kind.startswith("sql_"):
+        pool = await asyncpg.create_pool(
+            spec["database_url"], min_size=spec["clients"], max_size=spec["clients"]
+        )
+        closers.append(pool.close)
+        return _sql_call(kind, spec, pool)
+    channel = grpc.aio.insecure_channel(spec["address"])
+    closers.append(channel.close)
+    if kind == "empty":
+        empty: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/bench.Empty/Call"
+        )
+        return lambda i, n: empty(b"")
+    if kind == "send":
+        messages = messages_pb2_grpc.MessagesServiceStub(channel)
+        targets = spec["targets"]  # [(thread, sender)]
+
+        def send(i: int, n: int) -> Awaitable[object]:
+            thread, sender = targets[(i + n * spec["clients"]) % len(targets)]
+            return messages.SendMessage(
+                messages_pb2.SendMessageRequest(thread_id=thread, user_id=sender, content="bench")
+            )
+
+        return send
+    if kind == "history":
+        messages = messages_pb2_grpc.MessagesServiceStub(channel)
+        request = messages_pb2.ListMessagesRequest(
+            thread_id=spec["thread"], page_size=50, page_token=spec["token"]
+        )
+        return lambda i, n: messages.ListMessages(request)
+    threads = threads_pb2_grpc.ThreadsServiceStub(channel)
+    if kind == "inbox":
+        inbox = threads_pb2.ListThreadsRequest(user_id=spec["user"], page_size=50)
+        return lambda i, n: threads.ListThreads(inbox)
+    if kind == "unread":
+        unread = threads_pb2.GetUnreadCountRequest(user_id=spec["user"])
+        return lambda i, n: threads.GetUnreadCount(unread)
+    raise ValueError(kind)
+
+
+def _sql_call(kind: str, spec: dict[str, Any], pool: asyncpg.Pool) -> Call:
+    """The statements the service issues for the same request, straight through asyncpg."""
+    if kind == "sql_send":
+        targets = spec["targets"]
+
+        async def send(i: int, n: int) -> object:
+            thread, sender = targets[(i + n * spec["clients"]) % len(targets)]
+            async with pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    store.SEND, UUID(thread), UUID(sender), "bench", None, None, None, "[]"
+                )
+                assert row is not None
+                return row
+
+        return send
+    thread = UUID(spec["thread"])
+    position = spec.get("position")
+
+    async def page(i: int, n: int) -> object:
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(store.THREAD_PAGE, thread, *(position or (None, None)), 51)
+            return await conn.fetch(store.ATTACHMENTS_OF, [r["id"] for r in rows])
+
+    return page
+
+
+async def _drive(spec: dict[str, Any]) -> list[float]:
+    closers: list[Callable[[], Awaitable[object]]] = []
+    call = await _caller(spec, closers)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    measure_from = start + spec["warmup"]
+    end = measure_from + spec["duration"]
+
+    async def client(i: int) -> None:
+        n = 0
+        while (t0 := time.perf_counter()) < end:
+            await call(i, n)
+            n += 1
+            if t0 >= measure_from:
+                latencies.append(time.perf_counter() - t0)
+
+    try:
+        await asyncio.gather(*(client(i) for i in range(spec["clients"])))
+    finally:
+        for close in closers:
+            await close()
+    return latencies
+
+
+def run_clients(spec: dict[str, Any]) -> list[float]:
+    return uvloop.run(_drive(spec))
+
+
+async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
+    channel = grpc.aio.insecure_channel(spec["address"])
+    stub = messages_pb2_grpc.MessagesServiceStub(channel)
+    received: dict[str, list[float]] = {}
+
+    async def one() -> None:
+        call = stub.StreamThreadMessages(
+            messages_pb2.StreamThreadMessagesRequest(thread_id=spec["thread"])
+        )
+        try:
+            async for event in call:
+                received.setdefault(event.created.id, []).append(time.time())
+        except grpc.aio.AioRpcError:
+            pass
+
+    tasks = [asyncio.create_task(one()) for _ in range(spec["streams"])]
+    await asyncio.sleep(spec["settle"])
+    ready.put(spec["streams"])
+    await asyncio.sleep(max(0.0, spec["until"] - time.time()))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+    results.put(received)
+
+
+def run_subscribers(spec: dict[str, Any], ready: Any, results: Any) -> None:
+    uvloop.run(_subscribe(spec, ready, results))

@@ -49,6 +49,7 @@ class Subscription:
         self._queue: asyncio.Queue[store.MessageRow | None] = asyncio.Queue(maxsize=buffer)
         self._error: DomainError | None = None
         self.start_seq = 0  # the feed's position when this subscription joined
+        self.active = False  # joined: events after start_seq reach the queue
 
     def offer(self, row: store.MessageRow) -> None:
         if self._error is not None:
@@ -129,7 +130,8 @@ class StreamHub:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(feed.subscribers) for feed in self._feeds.values())
+        """Subscriptions that have joined (events after their start reach them)."""
+        return sum(sub.active for feed in self._feeds.values() for sub in feed.subscribers)
 
     @property
     def feed_count(self) -> int:
@@ -153,6 +155,7 @@ class StreamHub:
             raise
         assert feed.position is not None
         sub.start_seq = feed.position
+        sub.active = True
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -9,6 +9,7 @@ processes.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from chat.v1 import messages_pb2_grpc, threads_pb2_grpc, users_pb2, users_pb2_grpc
+from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2_grpc, users_pb2, users_pb2_grpc
 
 from tests.postgres import DatabaseFactory
 from tests.processes import ServiceProcess, start_service_process
@@ -112,3 +113,33 @@ async def clients(system: Addresses) -> AsyncIterator[Clients]:
 
 def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-user-id", user_id),)
+
+
+async def open_live_stream(
+    stream_via: messages_pb2_grpc.MessagesServiceAsyncStub,
+    send_via: messages_pb2_grpc.MessagesServiceAsyncStub,
+    thread_id: str,
+    *,
+    reader: str | None,
+    writer: str,
+) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+    """A stream that is provably live: it has delivered a marker sent after a cursor.
+
+    Two markers are sent, the stream opens after the first one's cursor, and the
+    second arrives through the replay; once it has, the subscription is active,
+    so everything sent afterwards must come through live delivery.
+    """
+    sent = []
+    for text in ("marker before", "marker after"):
+        reply = await send_via.SendMessage(
+            messages_pb2.SendMessageRequest(thread_id=thread_id, user_id=writer, content=text)
+        )
+        sent.append(reply.message)
+    stream = stream_via.StreamThreadMessages(
+        messages_pb2.StreamThreadMessagesRequest(thread_id=thread_id, after=sent[0].cursor),
+        metadata=as_user(reader) if reader else (),
+    )
+    event = await asyncio.wait_for(stream.read(), timeout=30)
+    assert isinstance(event, messages_pb2.StreamThreadMessagesResponse)
+    assert event.created.id == sent[1].id
+    return stream

@@ -95,33 +95,44 @@ async def test_stream_receives_a_message(system: Addresses, clients: Clients) ->
             threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[ada.id, bob.id])
         )
     ).thread
+    markers = []
+    for text in ("marker before", "marker after"):
+        reply = await clients.messages.SendMessage(
+            messages_pb2.SendMessageRequest(thread_id=thread.id, user_id=ada.id, content=text)
+        )
+        markers.append(reply.message)
     proc = await asyncio.create_subprocess_exec(
         GRPCURL,
         "-plaintext",
         "-H",
         f"x-user-id: {bob.id}",
         "-d",
-        json.dumps({"thread_id": thread.id}),
+        json.dumps({"thread_id": thread.id, "after": markers[0].cursor}),
         system.messages,
         "chat.v1.MessagesService/StreamThreadMessages",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert proc.stdout is not None
+
+    async def printed_until(text: str) -> str:
+        assert proc.stdout is not None
+        printed = ""
+        while text not in printed:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            assert line, "grpcurl ended before printing the message"
+            printed += line.decode()
+        return printed
+
     try:
-        await asyncio.sleep(1.0)  # let grpcurl connect and subscribe
+        await printed_until("marker after")  # replayed: the stream is live from here
         await clients.messages.SendMessage(
             messages_pb2.SendMessageRequest(
                 thread_id=thread.id, user_id=ada.id, content="to the stream"
             ),
             metadata=as_user(ada.id),
         )
-        assert proc.stdout is not None
-        printed = ""
-        while "to the stream" not in printed:
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-            assert line, "grpcurl ended before printing the message"
-            printed += line.decode()
-        assert '"created"' in printed
+        assert '"created"' in await printed_until("to the stream")
     finally:
         proc.kill()
         await proc.wait()

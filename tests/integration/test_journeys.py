@@ -9,7 +9,7 @@ import pytest
 from chat.v1 import messages_pb2, threads_pb2
 from google.protobuf import field_mask_pb2
 
-from tests.integration.conftest import Clients, as_user
+from tests.integration.conftest import Clients, as_user, open_live_stream
 
 OWNER = threads_pb2.PARTICIPANT_ROLE_OWNER
 
@@ -82,20 +82,18 @@ async def test_group_thread_stream_edit_delete(clients: Clients) -> None:
     assert roles[owner.id] == OWNER
 
     # Another client streams while messages are sent.
-    stream = clients.messages.StreamThreadMessages(
-        messages_pb2.StreamThreadMessagesRequest(thread_id=thread_id),
-        metadata=as_user(listener.id),
+    stream = await open_live_stream(
+        clients.messages, clients.messages, thread_id, reader=listener.id, writer=owner.id
     )
     received: list[messages_pb2.StreamThreadMessagesResponse] = []
 
     async def collect(n: int) -> None:
-        async for event in stream:
+        while len(received) < n:
+            event = await stream.read()
+            assert isinstance(event, messages_pb2.StreamThreadMessagesResponse)
             received.append(event)
-            if len(received) == n:
-                return
 
     collector = asyncio.ensure_future(collect(4))
-    await asyncio.sleep(0.3)  # let the subscription register before sending
     sent = []
     for i in range(3):
         reply = await clients.messages.SendMessage(
@@ -150,20 +148,19 @@ async def test_removed_participant_loses_access_and_stream(clients: Clients) -> 
         )
     )
     thread_id = created.thread.id
-    stream = clients.messages.StreamThreadMessages(
-        messages_pb2.StreamThreadMessagesRequest(thread_id=thread_id), metadata=as_user(leaver.id)
+    stream = await open_live_stream(
+        clients.messages, clients.messages, thread_id, reader=leaver.id, writer=owner.id
     )
 
     async def drain() -> grpc.StatusCode:
         try:
-            async for _ in stream:
+            while await stream.read() is not grpc.aio.EOF:
                 pass
         except grpc.aio.AioRpcError as err:
             return err.code()
         return grpc.StatusCode.OK
 
     ended = asyncio.ensure_future(drain())
-    await asyncio.sleep(0.3)
     await clients.threads.RemoveParticipant(
         threads_pb2.RemoveParticipantRequest(thread_id=thread_id, user_id=leaver.id),
         metadata=as_user(owner.id),

@@ -12,7 +12,7 @@ from chat.v1 import messages_pb2, threads_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from db.archive import archive_older_than
-from tests.integration.conftest import Addresses, Clients, as_user
+from tests.integration.conftest import Addresses, Clients, as_user, open_live_stream
 
 
 def scrape(address: str) -> dict[str, float]:
@@ -37,11 +37,10 @@ async def test_metrics_answer_with_rpc_query_pool_and_stream_series(
             threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[ada.id, bob.id])
         )
     ).thread
-    stream = clients.messages.StreamThreadMessages(
-        messages_pb2.StreamThreadMessagesRequest(thread_id=thread.id), metadata=as_user(bob.id)
+    stream = await open_live_stream(
+        clients.messages, clients.messages, thread.id, reader=bob.id, writer=ada.id
     )
     first = asyncio.ensure_future(stream.read())
-    await asyncio.sleep(0.3)
     await clients.messages.SendMessage(
         messages_pb2.SendMessageRequest(thread_id=thread.id, user_id=ada.id, content="metered"),
         metadata=as_user(ada.id),

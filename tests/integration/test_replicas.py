@@ -8,7 +8,7 @@ import grpc
 import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2
 
-from tests.integration.conftest import Addresses, Clients, as_user
+from tests.integration.conftest import Addresses, Clients, as_user, open_live_stream
 
 
 async def test_stream_on_one_replica_receives_send_through_the_other(
@@ -24,11 +24,10 @@ async def test_stream_on_one_replica_receives_send_through_the_other(
     ).thread
     async with grpc.aio.insecure_channel(system.messages_replica) as replica_channel:
         replica = messages_pb2_grpc.MessagesServiceStub(replica_channel)
-        stream = replica.StreamThreadMessages(
-            messages_pb2.StreamThreadMessagesRequest(thread_id=thread.id), metadata=as_user(bob.id)
+        stream = await open_live_stream(
+            replica, clients.messages, thread.id, reader=bob.id, writer=ada.id
         )
         first = asyncio.ensure_future(stream.read())
-        await asyncio.sleep(0.3)  # let the subscription register on the replica
         sent = await clients.messages.SendMessage(
             messages_pb2.SendMessageRequest(thread_id=thread.id, user_id=ada.id, content="across"),
             metadata=as_user(ada.id),

@@ -141,8 +141,13 @@ async def test_delivery_across_two_server_processes(
     try:
         async with grpc.aio.insecure_channel(other.address) as channel:
             remote = messages_pb2_grpc.MessagesServiceStub(channel)
-            stream = open_stream(remote, room)
-            await asyncio.sleep(0.5)  # the other process registers the subscription
+            # Open after a cursor and wait for the replayed marker: from then on the
+            # remote subscription is active, so the next message must arrive live.
+            before = await send(server.stub, room, "marker before")
+            marker = await send(server.stub, room, "marker after")
+            stream = open_stream(remote, room, after=before.cursor)
+            [replayed] = await read(stream, 1)
+            assert replayed.created.id == marker.id
             sent = await send(server.stub, room, "across processes")
             [event] = await read(stream, 1)
             assert event.created.id == sent.id

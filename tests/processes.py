@@ -63,15 +63,23 @@ async def start_service_process(
     assert proc.stderr is not None
     log: list[str] = []
     port = None
-    while port is None:
-        line = await asyncio.wait_for(proc.stderr.readline(), timeout=START_TIMEOUT_S)
-        if not line:
+    try:
+        while port is None:
+            line = await asyncio.wait_for(proc.stderr.readline(), timeout=START_TIMEOUT_S)
+            if not line:
+                await proc.wait()
+                raise RuntimeError(
+                    f"{name} exited ({proc.returncode}) before serving:\n{''.join(log)}"
+                )
+            log.append(line.decode(errors="replace"))
+            match = _SERVING.search(line)
+            if match:
+                port = int(match.group(1))
+    except BaseException:
+        if proc.returncode is None:  # never leave a half-started service behind
+            proc.kill()
             await proc.wait()
-            raise RuntimeError(f"{name} exited ({proc.returncode}) before serving:\n{''.join(log)}")
-        log.append(line.decode(errors="replace"))
-        match = _SERVING.search(line)
-        if match:
-            port = int(match.group(1))
+        raise
     service = ServiceProcess(name, proc, port, log)
 
     async def drain() -> None:

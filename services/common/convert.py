@@ -7,14 +7,21 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp for a timestamptz value; None stays unset."""
+    """A Timestamp for a timestamptz value; None stays unset.
+
+    Integer arithmetic on the offset from the epoch: exact to the microsecond,
+    and several times cheaper than Timestamp.FromDatetime on hot list paths.
+    """
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:

@@ -8,16 +8,35 @@ from uuid import UUID
 
 from services.common.errors import InvalidArgument
 
+# "c:<uuid>:" is 39 bytes, a multiple of 3, so its base64 never pads and a cursor
+# is the thread's cached prefix followed by the base64 of the position.
+_PREFIXES: dict[UUID, str] = {}
+_PREFIX_CACHE_MAX = 10_000
+
+
+def _prefix(thread_id: UUID) -> str:
+    prefix = _PREFIXES.get(thread_id)
+    if prefix is None:
+        if len(_PREFIXES) >= _PREFIX_CACHE_MAX:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[thread_id] = base64.urlsafe_b64encode(
+            f"c:{thread_id}:".encode()
+        ).decode()
+    return prefix
+
 
 def encode_cursor(thread_id: UUID, position: int) -> str:
-    return base64.urlsafe_b64encode(f"{thread_id}:{position}".encode()).decode().rstrip("=")
+    tail = base64.urlsafe_b64encode(str(position).encode()).decode().rstrip("=")
+    return _prefix(thread_id) + tail
 
 
 def decode_cursor(cursor: str, thread_id: UUID, field: str = "after") -> int:
     """The position in `cursor`; it must come from this thread."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        thread, _, position = raw.partition(":")
+        tag, thread, position = raw.split(":")
+        if tag != "c":
+            raise ValueError(tag)
         if UUID(thread) != thread_id:
             raise InvalidArgument.field(field, "is a cursor of another thread")
         value = int(position)

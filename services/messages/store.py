@@ -205,7 +205,8 @@ MEMBERSHIP = named(
 
 
 def _message(record: asyncpg.Record) -> MessageRow:
-    return MessageRow(**dict(record))
+    # Positional: every SELECT here lists the columns in MessageRow's field order.
+    return MessageRow(*record)
 
 
 def _attachment(record: asyncpg.Record) -> AttachmentRow:

@@ -92,9 +92,11 @@ class Bench:
 async def run(args: argparse.Namespace) -> int:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     embedded = None
+    data = None
     admin_url = os.environ.get("DATABASE_URL")
     if not admin_url:
-        embedded = EmbeddedPostgres(tempfile.mkdtemp(prefix="chat-bench-pg-"))
+        data = tempfile.mkdtemp(prefix="chat-bench-pg-")
+        embedded = EmbeddedPostgres(data)
         admin_url = embedded.start()
     name = f"chat_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(admin_url)
@@ -148,6 +150,8 @@ async def run(args: argparse.Namespace) -> int:
         await admin.close()
         if embedded is not None:
             embedded.stop()
+        if data is not None:
+            shutil.rmtree(data, ignore_errors=True)
     return 0
 
 

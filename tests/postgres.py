@@ -10,6 +10,7 @@ isolated and can run in any order.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -45,11 +46,13 @@ def postgres_server() -> Iterator[str]:
     from services.common.embedded import EmbeddedPostgres
 
     # Short path: the server's Unix socket lives in its data directory.
-    embedded = EmbeddedPostgres(tempfile.mkdtemp(prefix="chat-test-pg-"))
+    data = tempfile.mkdtemp(prefix="chat-test-pg-")
+    embedded = EmbeddedPostgres(data)
     try:
         yield embedded.start()
     finally:
         embedded.stop()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 class DatabaseFactory:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 
 import asyncpg
@@ -26,7 +27,8 @@ async def _wait_for_health(channel: grpc.aio.Channel, wanted: str) -> None:
 
 
 async def test_not_serving_while_database_is_down_then_recovers_without_restart() -> None:
-    server = EmbeddedPostgres(tempfile.mkdtemp(prefix="chat-outage-pg-"))
+    data = tempfile.mkdtemp(prefix="chat-outage-pg-")
+    server = EmbeddedPostgres(data)
     url = server.start()
     try:
         conn = await asyncpg.connect(url)
@@ -56,3 +58,4 @@ async def test_not_serving_while_database_is_down_then_recovers_without_restart(
             assert await call(channel, b"pool") == b"42"
     finally:
         server.stop()
+        shutil.rmtree(data, ignore_errors=True)

@@ -1,8 +1,11 @@
-"""Reading the rich error details (google.rpc.Status) a failed RPC carries."""
+"""Calling as a user, and reading the rich error details (google.rpc.Status) of failures."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from services.common.interceptors import STATUS_DETAILS_KEY
@@ -33,3 +36,15 @@ def violated_fields(err: grpc.aio.AioRpcError) -> set[str]:
         if detail.Unpack(bad):
             fields.update(v.field for v in bad.field_violations)
     return fields
+
+
+def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
+    """Metadata that makes a call act for `user_id`."""
+    return (("x-user-id", user_id),)
+
+
+async def error_of(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    """The error `call` fails with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value

@@ -22,6 +22,7 @@ from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2_grpc, users_pb2
 
 from tests.postgres import DatabaseFactory
 from tests.processes import ServiceProcess, start_service_process
+from tests.rpc_errors import as_user
 
 ADDRESS_VARIABLES = {"users": "USERS_ADDR", "threads": "THREADS_ADDR", "messages": "MESSAGES_ADDR"}
 
@@ -109,10 +110,6 @@ async def clients(system: Addresses) -> AsyncIterator[Clients]:
     )
     for channel in channels:
         await channel.close()
-
-
-def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-user-id", user_id),)
 
 
 async def open_live_stream(

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from chat.v1 import messages_pb2, threads_pb2
 
-from tests.integration.conftest import Addresses, Clients, as_user
+from tests.integration.conftest import Addresses, Clients
+from tests.rpc_errors import as_user
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 HAVE_GRPCURL = Path(GRPCURL).exists()

@@ -9,7 +9,8 @@ import pytest
 from chat.v1 import messages_pb2, threads_pb2
 from google.protobuf import field_mask_pb2
 
-from tests.integration.conftest import Clients, as_user, open_live_stream
+from tests.integration.conftest import Clients, open_live_stream
+from tests.rpc_errors import as_user
 
 OWNER = threads_pb2.PARTICIPANT_ROLE_OWNER
 

@@ -12,7 +12,8 @@ from chat.v1 import messages_pb2, threads_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from db.archive import archive_older_than
-from tests.integration.conftest import Addresses, Clients, as_user, open_live_stream
+from tests.integration.conftest import Addresses, Clients, open_live_stream
+from tests.rpc_errors import as_user
 
 
 def scrape(address: str) -> dict[str, float]:

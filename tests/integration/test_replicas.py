@@ -8,7 +8,8 @@ import grpc
 import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2
 
-from tests.integration.conftest import Addresses, Clients, as_user, open_live_stream
+from tests.integration.conftest import Addresses, Clients, open_live_stream
+from tests.rpc_errors import as_user
 
 
 async def test_stream_on_one_replica_receives_send_through_the_other(

@@ -80,7 +80,3 @@ async def new_room(db: asyncpg.Pool) -> Room:
 @pytest.fixture
 async def room(db_pool: asyncpg.Pool) -> Room:
     return await new_room(db_pool)
-
-
-def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-user-id", user_id),)

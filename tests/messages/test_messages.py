@@ -12,8 +12,8 @@ import pytest
 from chat.v1 import messages_pb2
 from google.protobuf import field_mask_pb2, struct_pb2
 
-from tests.messages.conftest import Room, as_user, new_user
-from tests.rpc_errors import error_info, violated_fields
+from tests.messages.conftest import Room, new_user
+from tests.rpc_errors import as_user, error_info, error_of, violated_fields
 
 if TYPE_CHECKING:
     from tests.messages.conftest import Stub
@@ -21,12 +21,6 @@ if TYPE_CHECKING:
 SENT = messages_pb2.MESSAGE_STATUS_SENT
 EDITED = messages_pb2.MESSAGE_STATUS_EDITED
 DELETED = messages_pb2.MESSAGE_STATUS_DELETED
-
-
-async def error_of(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
 
 
 def struct(**values: Any) -> struct_pb2.Struct:

@@ -13,7 +13,8 @@ from chat.v1 import messages_pb2
 from google.protobuf import struct_pb2
 
 from services.messages import store
-from tests.messages.conftest import Room, as_user
+from tests.messages.conftest import Room
+from tests.rpc_errors import as_user
 
 if TYPE_CHECKING:
     from tests.messages.conftest import Stub

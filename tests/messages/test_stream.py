@@ -15,8 +15,9 @@ from chat.v1 import messages_pb2, messages_pb2_grpc
 from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION
 from tests.conftest import running
-from tests.messages.conftest import MessagesServer, Room, as_user
+from tests.messages.conftest import MessagesServer, Room
 from tests.processes import start_service_process
+from tests.rpc_errors import as_user
 
 if TYPE_CHECKING:
     from tests.messages.conftest import Stub

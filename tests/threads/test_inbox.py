@@ -13,14 +13,11 @@ from chat.v1 import threads_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from services.threads import store
+from tests.rpc_errors import as_user
 from tests.threads.conftest import new_users, send
 
 if TYPE_CHECKING:
     from tests.threads.conftest import Stub
-
-
-def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-user-id", user_id),)
 
 
 async def group(threads: Stub, creator: str, *others: str, name: str = "t") -> str:

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
-import pytest
 from chat.v1 import threads_pb2
 from google.protobuf import field_mask_pb2
 
-from tests.rpc_errors import violated_fields
+from tests.rpc_errors import as_user, error_of, violated_fields
 from tests.threads.conftest import new_users
 
 if TYPE_CHECKING:
@@ -22,16 +21,6 @@ if TYPE_CHECKING:
 OWNER = threads_pb2.PARTICIPANT_ROLE_OWNER
 ADMIN = threads_pb2.PARTICIPANT_ROLE_ADMIN
 MEMBER = threads_pb2.PARTICIPANT_ROLE_MEMBER
-
-
-def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-user-id", user_id),)
-
-
-async def error_of(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
 
 
 async def group(threads: Stub, creator: str, *others: str, name: str = "team") -> str:

@@ -12,14 +12,10 @@ import pytest
 from chat.v1 import users_pb2, users_pb2_grpc
 from google.protobuf import field_mask_pb2
 
-from tests.rpc_errors import rich_status, violated_fields
+from tests.rpc_errors import as_user, error_of, rich_status, violated_fields
 
 if TYPE_CHECKING:
     Stub = users_pb2_grpc.UsersServiceAsyncStub
-
-
-def as_user(user_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-user-id", user_id),)
 
 
 async def create(
@@ -40,12 +36,6 @@ async def create(
     )
     reply = await users.CreateUser(users_pb2.CreateUserRequest(user=user))
     return reply.user
-
-
-async def error_of(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
 
 
 async def count_users(db_pool: asyncpg.Pool) -> int:

@@ -10,10 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from services.common.errors import InvalidArgument
+import asyncpg
+
+from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.queries import named
 from services.common.types import Context
 
 USER_ID_HEADER = "x-user-id"
+
+ACTIVE_CALLER = named("identity.active_caller", "SELECT is_active FROM users WHERE id = $1")
 
 
 @dataclass(frozen=True)
@@ -44,3 +49,28 @@ def caller_of(context: Context) -> Caller:
         return Caller(user_id=UUID(raw))
     except ValueError:
         raise InvalidArgument.field(USER_ID_HEADER, "must be a UUID") from None
+
+
+async def require_active_caller(pool: asyncpg.Pool, context: Context) -> None:
+    """A call made for an end user needs that user to exist and be active.
+
+    A deactivated (or deleted) account acts on nothing, on any service: one
+    primary-key lookup per user-scoped call, so deactivation takes effect at once
+    (no cache that would let a deactivated user act for a while longer).
+    """
+    caller = caller_of(context)
+    if caller.user_id is None:
+        return
+    active = await pool.fetchval(ACTIVE_CALLER, caller.user_id)
+    if active is None:
+        raise PermissionDenied(
+            f"{USER_ID_HEADER} names no user",
+            reason="USER_UNKNOWN",
+            metadata={"user_id": str(caller.user_id)},
+        )
+    if not active:
+        raise PermissionDenied(
+            "the calling user is deactivated",
+            reason="USER_INACTIVE",
+            metadata={"user_id": str(caller.user_id)},
+        )

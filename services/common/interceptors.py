@@ -1,7 +1,8 @@
 """The server interceptor every service runs: authenticate, map errors, log.
 
 For every RPC it (1) checks the calling service's bearer token when AUTH_TOKENS
-is set, (2) turns domain errors into gRPC statuses with rich details, database
+is set, then that the end user named by `x-user-id` may act (the service
+passes the check), (2) turns domain errors into gRPC statuses with rich details, database
 outages into UNAVAILABLE and anything unexpected into a bare INTERNAL (the cause
 is logged, never sent), and (3) logs method, status code and duration.
 """
@@ -48,10 +49,24 @@ def _token_matches(presented: str, tokens: Sequence[str]) -> bool:
     return matched
 
 
+CallerCheck = Callable[[Context], Awaitable[None]]
+
+
+async def _any_caller(context: Context) -> None:
+    return None
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: Sequence[str], open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES):
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES,
+        check_caller: CallerCheck = _any_caller,
+    ):
         self._tokens = list(tokens)
         self._open_prefixes = tuple(open_prefixes)
+        # Runs before every non-open RPC, after the token: e.g. "the end user is active".
+        self._check_caller = check_caller
 
     async def intercept_service(
         self,
@@ -104,8 +119,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if needs_token:
-                    self._authenticate(context)
+                if not quiet:
+                    if needs_token:
+                        self._authenticate(context)
+                    await self._check_caller(context)
                 return await inner(request, context)
             except BaseException as exc:
                 code, error = _classify(exc, method, context)
@@ -124,8 +141,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                if needs_token:
-                    self._authenticate(context)
+                if not quiet:
+                    if needs_token:
+                        self._authenticate(context)
+                    await self._check_caller(context)
                 async for item in inner(request, context):
                     yield item
             except BaseException as exc:

@@ -10,6 +10,7 @@ RPCs get the grace period to finish, shutdown hooks run and the pool closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 from services.common.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from services.common.admin import AdminServicer
 from services.common.db_health import DatabaseHealthWatch
+from services.common.identity import require_active_caller
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint
@@ -137,7 +139,12 @@ async def start_service(
     runtime = Runtime(definition.name, settings, pool)
     try:
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(settings.token_list())],
+            interceptors=[
+                ServiceInterceptor(
+                    settings.token_list(),
+                    check_caller=functools.partial(require_active_caller, pool),
+                )
+            ],
             options=server_options(settings),
         )
         await definition.register(server, runtime)

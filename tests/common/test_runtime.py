@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 
@@ -83,10 +84,28 @@ async def test_stream_errors_are_mapped_after_items(probe: grpc.aio.Channel) -> 
     assert violated_fields(caught.value) == {"after"}
 
 
-async def test_caller_identity_from_metadata(probe: grpc.aio.Channel) -> None:
-    user = "6f1c3d2e-8a4b-4c5d-9e6f-0a1b2c3d4e5f"
+async def test_caller_identity_from_metadata(
+    probe: grpc.aio.Channel, db_pool: asyncpg.Pool
+) -> None:
+    user = str(
+        await db_pool.fetchval(
+            "INSERT INTO users (email, username) VALUES ('who@example.com', 'who') RETURNING id"
+        )
+    )
     assert await call(probe, b"whoami") == b"trusted"
     assert await call(probe, b"whoami", (("x-user-id", user),)) == user.encode()
+
+    # A caller must be a user that exists and is active, on every RPC.
+    unknown = "6f1c3d2e-8a4b-4c5d-9e6f-0a1b2c3d4e5f"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"whoami", (("x-user-id", unknown),))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "USER_UNKNOWN"
+    await db_pool.execute("UPDATE users SET is_active = false WHERE id = $1", user)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"whoami", (("x-user-id", user),))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "USER_INACTIVE"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(probe, b"whoami", (("x-user-id", "not-a-uuid"),))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

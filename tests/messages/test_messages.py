@@ -339,7 +339,17 @@ async def test_who_may_send(messages: Stub, room: Room, db_pool: asyncpg.Pool) -
     await db_pool.execute(
         "UPDATE users SET is_active = false WHERE id = $1", uuid.UUID(room.member)
     )
+    # A deactivated user acts on nothing; a trusted call may not send as them either.
     err = await error_of(send(messages, room))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(err).reason == "USER_INACTIVE"
+    err = await error_of(
+        messages.SendMessage(
+            messages_pb2.SendMessageRequest(
+                thread_id=room.thread_id, user_id=room.member, content="x"
+            )
+        )
+    )
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(err).reason == "USER_INACTIVE"
     await db_pool.execute("UPDATE threads SET is_archived = true")

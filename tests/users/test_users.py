@@ -307,11 +307,22 @@ async def test_delete_cascades_to_messages_and_memberships(
         uuid.UUID(ada.id),
         uuid.UUID(bob.id),
     )
-    await db_pool.execute(
-        "INSERT INTO messages (thread_id, user_id, content) VALUES ($1, $2, 'hi'), ($1, $3, 'yo')",
+    ada_said = await db_pool.fetchval(
+        "INSERT INTO messages (thread_id, user_id, content) VALUES ($1, $2, 'hi') RETURNING id",
         thread,
         uuid.UUID(ada.id),
+    )
+    await db_pool.execute(
+        "INSERT INTO message_attachments (message_id, name, type, size, url) "
+        "VALUES ($1, 'a.txt', 'text/plain', 1, 'https://x.io/a.txt')",
+        ada_said,
+    )
+    # Bob's reply to Ada outlives her message, as a reply to nothing (parent SET NULL).
+    await db_pool.execute(
+        "INSERT INTO messages (thread_id, user_id, content, parent_id) VALUES ($1, $2, 'yo', $3)",
+        thread,
         uuid.UUID(bob.id),
+        ada_said,
     )
     err = await error_of(
         users.DeleteUser(users_pb2.DeleteUserRequest(id=bob.id), metadata=as_user(ada.id))
@@ -320,5 +331,7 @@ async def test_delete_cascades_to_messages_and_memberships(
     await users.DeleteUser(users_pb2.DeleteUserRequest(id=ada.id), metadata=as_user(ada.id))
     assert await db_pool.fetchval("SELECT count(*) FROM messages") == 1
     assert await db_pool.fetchval("SELECT count(*) FROM thread_participants") == 1
+    assert await db_pool.fetchval("SELECT count(*) FROM message_attachments") == 0
+    assert await db_pool.fetchval("SELECT parent_id FROM messages") is None
     err = await error_of(users.DeleteUser(users_pb2.DeleteUserRequest(id=ada.id)))
     assert err.code() == grpc.StatusCode.NOT_FOUND

@@ -8,13 +8,14 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-db test-compose bench lint proto venv clean help
+.PHONY: run test test-db test-compose bench soak lint proto venv clean help
 
 help:
 	@echo "make run     start PostgreSQL (embedded unless DATABASE_URL is set) and the three services"
 	@echo "make test    run the whole test suite against a real PostgreSQL"
 	@echo "make lint    ruff, mypy, buf lint, squawk"
 	@echo "make bench   benchmark the hot paths against their ceilings (BENCH_ARGS=--scale 2)"
+	@echo "make soak    mixed traffic through the three services, then leak checks (SOAK_ARGS=--duration 300 --streams 50 --writers 8)"
 	@echo "make test-compose  the integration suite against the docker compose stack"
 	@echo "make proto   regenerate gen/ from protos/"
 
@@ -45,6 +46,11 @@ test-compose: $(STAMP)
 # The hot paths against their ceilings (embedded PostgreSQL unless DATABASE_URL).
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Mixed traffic for a long while (embedded PostgreSQL), then the checks: no errors,
+# complete streams, flat memory, no leaked connections, unread counts that agree.
+soak: $(STAMP)
+	$(PY) -m tests.reliability.soak $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

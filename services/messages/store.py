@@ -128,14 +128,31 @@ SEARCH_PAGE = named(
     """,
 )
 # Replay and live fetch: a thread's changes after a position, in commit order.
+# A thread's stream from position $2: every message created after it (at its seq)
+# and every later change (at change_seq; edits in between collapse into the
+# latest). A creation is never hidden behind a later edit, so a client learns of
+# every message through a `created` event. Each branch walks its own index.
 EVENTS_AFTER = named(
     "messages.events_after",
     """
     SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq
-    FROM messages
-    WHERE thread_id = $1 AND change_seq > $2
-    ORDER BY change_seq
+           updated_at, seq, change_seq, position, is_creation
+    FROM (
+        (SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+                updated_at, seq, change_seq, seq AS position, true AS is_creation
+         FROM messages
+         WHERE thread_id = $1 AND seq > $2
+         ORDER BY seq
+         LIMIT $3)
+        UNION ALL
+        (SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+                updated_at, seq, change_seq, change_seq AS position, false AS is_creation
+         FROM messages
+         WHERE thread_id = $1 AND change_seq > $2 AND change_seq <> seq
+         ORDER BY change_seq
+         LIMIT $3)
+    ) events
+    ORDER BY position
     LIMIT $3
     """,
 )
@@ -278,10 +295,24 @@ async def page(conn: DbConnection, sql: str, *args: object) -> list[MessageRow]:
     return await with_attachments(conn, [_message(r) for r in await conn.fetch(sql, *args)])
 
 
+@dataclass(frozen=True, slots=True)
+class ThreadEvent:
+    """One position of a thread's stream: a message's creation, or its latest change."""
+
+    position: int
+    is_creation: bool
+    row: MessageRow
+
+
 async def events_after(
     conn: DbConnection, thread_id: UUID, after: int, limit: int
-) -> list[MessageRow]:
-    return await page(conn, EVENTS_AFTER, thread_id, after, limit)
+) -> list[ThreadEvent]:
+    records = await conn.fetch(EVENTS_AFTER, thread_id, after, limit)
+    rows = await with_attachments(conn, [MessageRow(*tuple(r)[:-2]) for r in records])
+    return [
+        ThreadEvent(r["position"], r["is_creation"], row)
+        for r, row in zip(records, rows, strict=True)
+    ]
 
 
 async def last_seq(conn: DbConnection, thread_id: UUID) -> int | None:

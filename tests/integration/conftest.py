@@ -68,6 +68,8 @@ async def system(database_factory: DatabaseFactory) -> AsyncIterator[Addresses]:
         )
     finally:
         for proc in procs:
+            if proc.process.returncode is not None:  # died during the module: say how
+                print(f"{proc.name} exited {proc.process.returncode}:", *proc.log[-30:], sep="")
             await proc.stop()
         await database_factory.drop(url)
 

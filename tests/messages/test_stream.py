@@ -115,6 +115,33 @@ async def test_resume_from_a_cursor_misses_nothing(server: MessagesServer, room:
     resumed.cancel()
 
 
+async def test_a_message_edited_before_the_replay_still_arrives_as_created(
+    server: MessagesServer, room: Room
+) -> None:
+    """Found by the soak: x sent, y sent, x edited, then a replay from before x."""
+    messages = server.stub
+    before = await send(messages, room, "before")
+    x = await send(messages, room, "x")
+    y = await send(messages, room, "y")
+    await messages.UpdateMessage(
+        messages_pb2.UpdateMessageRequest(
+            message=messages_pb2.Message(id=x.id, content="x, edited"),
+            update_mask={"paths": ["content"]},  # type: ignore[arg-type]
+        ),
+        metadata=as_user(room.member),
+    )
+    stream = open_stream(messages, room, after=before.cursor)
+    events = await read(stream, 3)
+    kinds = [(e.WhichOneof("event"), getattr(e, e.WhichOneof("event") or "").id) for e in events]
+    assert kinds == [("created", x.id), ("created", y.id), ("updated", x.id)]
+    assert events[0].created.content == "x, edited"  # every event carries the current state
+    # Resuming from any event's cursor continues right after it.
+    resumed = open_stream(messages, room, after=events[0].cursor)
+    assert [e.cursor for e in await read(resumed, 2)] == [e.cursor for e in events[1:]]
+    stream.cancel()
+    resumed.cancel()
+
+
 async def test_live_only_stream_and_cursor_validation(server: MessagesServer, room: Room) -> None:
     messages = server.stub
     await send(messages, room, "before the stream")
@@ -248,3 +275,23 @@ async def test_listener_reconnects_and_catches_up(
     [event] = await read(stream, 1)
     assert event.created.id == sent.id
     stream.cancel()
+
+
+async def test_graceful_stop_ends_streams_with_a_status_to_resume_from(
+    service_settings: ServiceSettings, room: Room
+) -> None:
+    """SIGTERM's path: open streams end UNAVAILABLE at once, not CANCELLED at the grace's end."""
+    async with running(DEFINITION, service_settings) as (service, channel):
+        messages = messages_pb2_grpc.MessagesServiceStub(channel)
+        server = MessagesServer(service, channel, messages)
+        stream = open_stream(messages, room)
+        await until_subscribed(server)
+        sent = await send(messages, room, "before the stop")
+        [event] = await read(stream, 1)
+        assert event.created.id == sent.id
+        stopping = asyncio.ensure_future(service.stop(grace=60.0))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(stream.read(), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "resume from your cursor" in (caught.value.details() or "")
+        await stopping

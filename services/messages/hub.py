@@ -9,7 +9,8 @@ with RESOURCE_EXHAUSTED instead of growing memory; it resumes from its cursor.
 If the listening connection drops, the hub reconnects and re-fetches every feed
 from its last position, so nothing committed meanwhile is lost. A
 `chat_membership` notification ends the streams of a removed participant (or
-all streams of a deleted thread) with NOT_FOUND.
+all streams of a deleted thread) with NOT_FOUND, and every stream of a user who
+was deactivated or deleted with PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from services.common import channels
-from services.common.errors import DomainError, NotFound, ResourceExhausted, Unavailable
+from services.common.errors import (
+    DomainError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.pool import QUERY_FAILURES, connect
 from services.common.settings import DatabaseSettings
 from services.messages import store
@@ -206,10 +213,17 @@ class StreamHub:
     def _on_membership(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         try:
             change = json.loads(str(payload))
-            thread_id = UUID(change["thread_id"])
+            thread_id = UUID(change["thread_id"]) if change.get("thread_id") else None
             user_id = UUID(change["user_id"]) if change.get("user_id") else None
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed membership notification %r", payload)
+            return
+        if thread_id is None:  # the user was deactivated or deleted: every thread
+            gone = PermissionDenied("the calling user is deactivated", reason="USER_INACTIVE")
+            for each in self._feeds.values():
+                for sub in list(each.subscribers):
+                    if user_id is not None and sub.user_id == user_id:
+                        sub.end(gone)
             return
         feed = self._feeds.get(thread_id)
         if feed is None:

@@ -134,7 +134,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
             profile_image=user.profile_image or None,
             is_active=user.is_active,
         )
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
             row = await store.update_user(conn, user_id, changes)
         return users_pb2.UpdateUserResponse(user=user_to_proto(row))
 
@@ -143,7 +143,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     ) -> users_pb2.DeleteUserResponse:
         user_id = parse_uuid(request.id, "id")
         _require_self(context, user_id)
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
             await store.delete_user(conn, user_id)
         return users_pb2.DeleteUserResponse()
 

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.common import channels
 from services.common.errors import AlreadyExists, NotFound
 from services.common.queries import named
 from services.common.types import DbConnection
@@ -149,6 +150,12 @@ UPDATE = named(
     """,
 )
 DELETE = named("users.delete", "DELETE FROM users WHERE id = $1")
+# A user who can no longer act (deactivated or deleted): the messages service ends
+# their open streams when this commits (`thread_id` null means every thread).
+NOTIFY_USER_GONE = named(
+    "users.notify_gone",
+    "SELECT pg_notify($1, json_build_object('thread_id', NULL, 'user_id', $2::uuid)::text)",
+)
 RECORD_LOGIN = named(
     "users.record_login",
     """
@@ -253,6 +260,8 @@ async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -
     updated = _row(record)
     if updated is None:
         raise NotFound("user", str(user_id))
+    if not updated.is_active:
+        await conn.execute(NOTIFY_USER_GONE, channels.MEMBERSHIP, user_id)
     return updated
 
 
@@ -260,6 +269,7 @@ async def delete_user(conn: DbConnection, user_id: UUID) -> None:
     status = await conn.execute(DELETE, user_id)
     if status == "DELETE 0":
         raise NotFound("user", str(user_id))
+    await conn.execute(NOTIFY_USER_GONE, channels.MEMBERSHIP, user_id)
 
 
 async def record_login(conn: DbConnection, user_id: UUID) -> UserRow | None:

@@ -388,3 +388,29 @@ async def test_a_removed_participants_open_stream_ends(stubs: Stubs, db_pool: as
         while True:
             await asyncio.wait_for(stream.read(), timeout=30)
     assert caught.value.code() == HIDDEN
+
+
+@pytest.mark.parametrize("how", ["deactivated", "deleted"])
+async def test_a_gone_users_open_streams_end(stubs: Stubs, db_pool: asyncpg.Pool, how: str) -> None:
+    world = await build_world(db_pool, stubs)
+    member = world.users["member"]
+    stream = stubs.messages.StreamThreadMessages(
+        messages_pb2.StreamThreadMessagesRequest(thread_id=world.thread, after=world.before),
+        metadata=as_user(member),
+    )
+    first = await asyncio.wait_for(stream.read(), timeout=30)
+    assert first.created.id == world.message
+    if how == "deactivated":
+        await stubs.users.UpdateUser(
+            users_pb2.UpdateUserRequest(
+                user=users_pb2.User(id=member, is_active=False),
+                update_mask=_user_mask("is_active"),
+            )
+        )
+    else:
+        await stubs.users.DeleteUser(users_pb2.DeleteUserRequest(id=member))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while True:
+            await asyncio.wait_for(stream.read(), timeout=30)
+    assert caught.value.code() == DENIED
+    assert error_info(caught.value).reason == "USER_INACTIVE"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +39,6 @@ from chat.v1 import (
 )
 from google.protobuf import field_mask_pb2, struct_pb2
 
-from services.common.settings import ServiceSettings
-from services.messages.service import DEFINITION as MESSAGES
-from services.threads.service import DEFINITION as THREADS
-from services.users.service import DEFINITION as USERS
-from tests.conftest import running
 from tests.rpc_errors import as_user, error_info
 
 IDENTITIES = ("owner", "member", "outsider", "removed", "inactive", "other_owner")
@@ -70,18 +65,13 @@ class Stubs:
 
 
 @pytest.fixture
-async def stubs(service_settings: ServiceSettings) -> AsyncIterator[Stubs]:
-    async with (
-        running(USERS, service_settings) as (_, users),
-        running(THREADS, service_settings) as (_, threads),
-        running(MESSAGES, service_settings) as (_, messages),
-    ):
-        yield Stubs(
-            users_pb2_grpc.UsersServiceStub(users),
-            threads_pb2_grpc.ThreadsServiceStub(threads),
-            messages_pb2_grpc.MessagesServiceStub(messages),
-            admin_pb2_grpc.AdminServiceStub(messages),
-        )
+def stubs(channels: dict[str, grpc.aio.Channel]) -> Stubs:
+    return Stubs(
+        users_pb2_grpc.UsersServiceStub(channels["users"]),
+        threads_pb2_grpc.ThreadsServiceStub(channels["threads"]),
+        messages_pb2_grpc.MessagesServiceStub(channels["messages"]),
+        admin_pb2_grpc.AdminServiceStub(channels["messages"]),
+    )
 
 
 async def _user(db: asyncpg.Pool) -> str:

@@ -11,7 +11,6 @@ refused call writes nothing. Bytes that are not valid UTF-8 in a string field
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -26,11 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common.server import ServiceDefinition
-from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION as MESSAGES
 from services.threads.service import DEFINITION as THREADS
 from services.users.service import DEFINITION as USERS
-from tests.conftest import running
 from tests.hostile.test_malformed_input import ALLOWED, FRAGMENTS, structs
 from tests.rpc_errors import error_info, violated_fields
 
@@ -120,16 +117,6 @@ def _build(cls: Any, values: dict[str, Any]) -> Message:
                 continue  # one member of a oneof is enough
             setattr(message, name, value)
     return message
-
-
-@pytest.fixture
-async def channels(service_settings: ServiceSettings) -> AsyncIterator[dict[str, Any]]:
-    async with (
-        running(USERS, service_settings) as (_, users),
-        running(THREADS, service_settings) as (_, threads),
-        running(MESSAGES, service_settings) as (_, messages),
-    ):
-        yield {"users": users, "threads": threads, "messages": messages}
 
 
 async def _counts(db: asyncpg.Pool) -> tuple[int, ...]:

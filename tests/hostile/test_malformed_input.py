@@ -9,7 +9,6 @@ The only outcomes allowed are success or a client error with details.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,11 +25,6 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.common.settings import ServiceSettings
-from services.messages.service import DEFINITION as MESSAGES
-from services.threads.service import DEFINITION as THREADS
-from services.users.service import DEFINITION as USERS
-from tests.conftest import running
 from tests.rpc_errors import error_info
 
 ALLOWED = {
@@ -86,17 +80,12 @@ async def outcome(call: Any) -> None:
 
 
 @pytest.fixture
-async def stubs(service_settings: ServiceSettings) -> AsyncIterator[dict[str, Any]]:
-    async with (
-        running(USERS, service_settings) as (_, users),
-        running(THREADS, service_settings) as (_, threads),
-        running(MESSAGES, service_settings) as (_, messages),
-    ):
-        yield {
-            "users": users_pb2_grpc.UsersServiceStub(users),
-            "threads": threads_pb2_grpc.ThreadsServiceStub(threads),
-            "messages": messages_pb2_grpc.MessagesServiceStub(messages),
-        }
+def stubs(channels: dict[str, grpc.aio.Channel]) -> dict[str, Any]:
+    return {
+        "users": users_pb2_grpc.UsersServiceStub(channels["users"]),
+        "threads": threads_pb2_grpc.ThreadsServiceStub(channels["threads"]),
+        "messages": messages_pb2_grpc.MessagesServiceStub(channels["messages"]),
+    }
 
 
 @SETTINGS

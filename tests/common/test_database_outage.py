@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 
 import asyncpg
 import grpc
@@ -12,9 +10,9 @@ import pytest
 
 from db.migrations import load_migrations
 from db.runner import Migrator
-from services.common.embedded import EmbeddedPostgres
 from services.common.settings import ServiceSettings
 from tests.conftest import health_status, running
+from tests.postgres import RestartablePostgres
 from tests.probe_service import PROBE, call
 
 
@@ -27,9 +25,8 @@ async def _wait_for_health(channel: grpc.aio.Channel, wanted: str) -> None:
 
 
 async def test_not_serving_while_database_is_down_then_recovers_without_restart() -> None:
-    data = tempfile.mkdtemp(prefix="chat-outage-pg-")
-    server = EmbeddedPostgres(data)
-    url = server.start()
+    server = RestartablePostgres()
+    url = server.url
     try:
         conn = await asyncpg.connect(url)
         await Migrator(conn, load_migrations()).up()
@@ -46,16 +43,15 @@ async def test_not_serving_while_database_is_down_then_recovers_without_restart(
             assert await call(channel, b"pool") == b"42"
             assert await health_status(channel, "test.Probe") == "SERVING"
 
-            server.stop()
+            await server.stop()
             await _wait_for_health(channel, "NOT_SERVING")
             assert await health_status(channel) == "NOT_SERVING"
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call(channel, b"pool", deadline_s=10)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
-            server.start()
+            await server.start()
             await _wait_for_health(channel, "SERVING")
             assert await call(channel, b"pool") == b"42"
     finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        await server.close()

@@ -56,6 +56,15 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+async def migrate(url: str) -> None:
+    """Apply every migration to the database at `url`."""
+    conn = await asyncpg.connect(url)
+    try:
+        await Migrator(conn, load_migrations()).up()
+    finally:
+        await conn.close()
+
+
 class DatabaseFactory:
     """Creates throw-away databases on one server."""
 
@@ -73,11 +82,7 @@ class DatabaseFactory:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        conn = await asyncpg.connect(with_database(self.admin_url, name))
-        try:
-            await Migrator(conn, load_migrations()).up()
-        finally:
-            await conn.close()
+        await migrate(with_database(self.admin_url, name))
         self.template = name
 
     async def create(self, *, migrated: bool = True) -> str:

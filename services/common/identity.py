@@ -69,8 +69,13 @@ async def require_active_caller(pool: asyncpg.Pool, context: Context) -> None:
             metadata={"user_id": str(caller.user_id)},
         )
     if not active:
-        raise PermissionDenied(
-            "the calling user is deactivated",
-            reason="USER_INACTIVE",
-            metadata={"user_id": str(caller.user_id)},
-        )
+        raise user_inactive(caller.user_id)
+
+
+def user_inactive(user_id: UUID) -> PermissionDenied:
+    """The error of a deactivated (or since deleted) user acting, or still streaming."""
+    return PermissionDenied(
+        "the calling user is deactivated",
+        reason="USER_INACTIVE",
+        metadata={"user_id": str(user_id)},
+    )

@@ -153,8 +153,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if not quiet:
                     if needs_token:
                         self._authenticate(context)
+                    _require_decoded(request)  # before the caller check's lookup
                     await self._check_caller(context)
-                _require_decoded(request)
                 return await inner(request, context)
             except BaseException as exc:
                 code, error = _classify(exc, method, context)
@@ -176,8 +176,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if not quiet:
                     if needs_token:
                         self._authenticate(context)
+                    _require_decoded(request)  # before the caller check's lookup
                     await self._check_caller(context)
-                _require_decoded(request)
                 async for item in inner(request, context):
                     yield item
             except BaseException as exc:

@@ -26,13 +26,8 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from services.common import channels
-from services.common.errors import (
-    DomainError,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Unavailable,
-)
+from services.common.errors import DomainError, NotFound, ResourceExhausted, Unavailable
+from services.common.identity import user_inactive
 from services.common.pool import QUERY_FAILURES, connect
 from services.common.settings import DatabaseSettings
 from services.messages import store
@@ -219,11 +214,12 @@ class StreamHub:
             log.warning("ignoring malformed membership notification %r", payload)
             return
         if thread_id is None:  # the user was deactivated or deleted: every thread
-            gone = PermissionDenied("the calling user is deactivated", reason="USER_INACTIVE")
-            for each in self._feeds.values():
-                for sub in list(each.subscribers):
-                    if user_id is not None and sub.user_id == user_id:
-                        sub.end(gone)
+            if user_id is not None:
+                gone = user_inactive(user_id)
+                for each in self._feeds.values():
+                    for sub in list(each.subscribers):
+                        if sub.user_id == user_id:
+                            sub.end(gone)
             return
         feed = self._feeds.get(thread_id)
         if feed is None:

@@ -127,11 +127,11 @@ SEARCH_PAGE = named(
     LIMIT $5
     """,
 )
-# Replay and live fetch: a thread's changes after a position, in commit order.
-# A thread's stream from position $2: every message created after it (at its seq)
-# and every later change (at change_seq; edits in between collapse into the
-# latest). A creation is never hidden behind a later edit, so a client learns of
-# every message through a `created` event. Each branch walks its own index.
+# Replay and live fetch, in commit order: a thread's stream from position $2, that
+# is every message created after it (at its seq) and every later change (at
+# change_seq; edits in between collapse into the latest). A creation is never
+# hidden behind a later edit, so a client learns of every message through a
+# `created` event. Each branch walks its own index.
 EVENTS_AFTER = named(
     "messages.events_after",
     """

@@ -260,7 +260,7 @@ async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -
     updated = _row(record)
     if updated is None:
         raise NotFound("user", str(user_id))
-    if not updated.is_active:
+    if "is_active" in f and not changes.is_active:
         await conn.execute(NOTIFY_USER_GONE, channels.MEMBERSHIP, user_id)
     return updated
 

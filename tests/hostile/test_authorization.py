@@ -115,17 +115,32 @@ async def build_world(db: asyncpg.Pool, stubs: Stubs) -> World:
 Call = Callable[[Stubs, World, str], Awaitable[object]]
 
 
-async def _first_event(stubs: Stubs, world: World, me: str) -> object:
+async def _open_stream(stubs: Stubs, world: World, me: str) -> Any:
+    """A stream of the thread as `me`, past its first event: the message, replayed."""
     stream = stubs.messages.StreamThreadMessages(
         messages_pb2.StreamThreadMessagesRequest(thread_id=world.thread, after=world.before),
         metadata=as_user(me),
     )
     try:
         event = await asyncio.wait_for(stream.read(), timeout=30)
-        assert event.created.id == world.message  # replayed from the cursor
-        return event
-    finally:
+    except BaseException:
         stream.cancel()
+        raise
+    assert event.created.id == world.message  # replayed from the cursor
+    return stream
+
+
+async def _end_of(stream: Any) -> grpc.aio.AioRpcError:
+    """The error the server ends `stream` with (bounded wait for each event)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        while True:
+            await asyncio.wait_for(stream.read(), timeout=30)
+    return caught.value
+
+
+async def _first_event(stubs: Stubs, world: World, me: str) -> object:
+    (await _open_stream(stubs, world, me)).cancel()
+    return None
 
 
 def _user_mask(*paths: str) -> field_mask_pb2.FieldMask:
@@ -364,32 +379,19 @@ async def test_who_may_call(rpc: str, stubs: Stubs, db_pool: asyncpg.Pool) -> No
 
 async def test_a_removed_participants_open_stream_ends(stubs: Stubs, db_pool: asyncpg.Pool) -> None:
     world = await build_world(db_pool, stubs)
-    stream = stubs.messages.StreamThreadMessages(
-        messages_pb2.StreamThreadMessagesRequest(thread_id=world.thread, after=world.before),
-        metadata=as_user(world.users["member"]),
-    )
-    first = await asyncio.wait_for(stream.read(), timeout=30)
-    assert first.created.id == world.message
+    stream = await _open_stream(stubs, world, world.users["member"])
     await stubs.threads.RemoveParticipant(
         threads_pb2.RemoveParticipantRequest(thread_id=world.thread, user_id=world.users["member"]),
         metadata=as_user(world.users["owner"]),
     )
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        while True:
-            await asyncio.wait_for(stream.read(), timeout=30)
-    assert caught.value.code() == HIDDEN
+    assert (await _end_of(stream)).code() == HIDDEN
 
 
 @pytest.mark.parametrize("how", ["deactivated", "deleted"])
 async def test_a_gone_users_open_streams_end(stubs: Stubs, db_pool: asyncpg.Pool, how: str) -> None:
     world = await build_world(db_pool, stubs)
     member = world.users["member"]
-    stream = stubs.messages.StreamThreadMessages(
-        messages_pb2.StreamThreadMessagesRequest(thread_id=world.thread, after=world.before),
-        metadata=as_user(member),
-    )
-    first = await asyncio.wait_for(stream.read(), timeout=30)
-    assert first.created.id == world.message
+    stream = await _open_stream(stubs, world, member)
     if how == "deactivated":
         await stubs.users.UpdateUser(
             users_pb2.UpdateUserRequest(
@@ -399,8 +401,6 @@ async def test_a_gone_users_open_streams_end(stubs: Stubs, db_pool: asyncpg.Pool
         )
     else:
         await stubs.users.DeleteUser(users_pb2.DeleteUserRequest(id=member))
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        while True:
-            await asyncio.wait_for(stream.read(), timeout=30)
-    assert caught.value.code() == DENIED
-    assert error_info(caught.value).reason == "USER_INACTIVE"
+    ended = await _end_of(stream)
+    assert ended.code() == DENIED
+    assert error_info(ended).reason == "USER_INACTIVE"

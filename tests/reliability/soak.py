@@ -60,6 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.settings import DatabaseSettings
 from tests.integration.conftest import Clients, free_port, open_live_stream
+from tests.postgres import migrate
 from tests.processes import REPO, ServiceProcess, start_service_process
 from tests.rpc_errors import as_user
 
@@ -577,8 +578,6 @@ def table(report: SoakReport) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    from db.migrations import load_migrations
-    from db.runner import Migrator
     from services.common.embedded import EmbeddedPostgres
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -586,11 +585,7 @@ async def main(args: argparse.Namespace) -> int:
     embedded = EmbeddedPostgres(data)
     try:
         url = embedded.start()
-        conn = await asyncpg.connect(url)
-        try:
-            await Migrator(conn, load_migrations()).up()
-        finally:
-            await conn.close()
+        await migrate(url)
         async with start_system(url) as addresses:
             report = await run_soak(
                 addresses,

@@ -27,9 +27,7 @@ from chat.v1 import (
     users_pb2_grpc,
 )
 
-from db.migrations import load_migrations
-from db.runner import Migrator
-from tests.postgres import RestartablePostgres
+from tests.postgres import RestartablePostgres, migrate
 from tests.processes import ServiceProcess, start_service_process
 from tests.reliability.load import (
     RETRYABLE,
@@ -84,11 +82,7 @@ async def stack() -> AsyncIterator[Stack]:
     procs: dict[str, ServiceProcess] = {}
     channels: list[grpc.aio.Channel] = []
     try:
-        conn = await asyncpg.connect(url)
-        try:
-            await Migrator(conn, load_migrations()).up()
-        finally:
-            await conn.close()
+        await migrate(url)
         for name in NAMES:
             procs[name] = await start_service_process(name, url)
         channels = [grpc.aio.insecure_channel(procs[n].address) for n in NAMES]

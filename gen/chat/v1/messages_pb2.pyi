@@ -67,8 +67,10 @@ class Message(_message.Message):
     """The message this one replies to (same thread); empty for top-level messages."""
     status: Global___MessageStatus.ValueType
     cursor: _builtins.str
-    """Opaque position of this message's latest change in its thread; usable as
-    `StreamThreadMessagesRequest.after` to resume from here.
+    """Opaque, safe resume point: `StreamThreadMessagesRequest.after` set to it
+    replays every event after this message's creation, so nothing is missed
+    (events already seen may come again; apply them by message id). In a
+    stream event it equals that event's `cursor`.
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
@@ -636,7 +638,9 @@ class StreamThreadMessagesRequest(_message.Message):
     AFTER_FIELD_NUMBER: _builtins.int
     thread_id: _builtins.str
     after: _builtins.str
-    """Opaque cursor from an earlier event or message; empty means live events only."""
+    """Opaque cursor from an earlier event, `caught_up` or message; empty means
+    live events only (the stream then starts with `caught_up`).
+    """
     def __init__(
         self,
         *,
@@ -653,7 +657,15 @@ Global___StreamThreadMessagesRequest: _TypeAlias = StreamThreadMessagesRequest  
 
 @_typing.final
 class StreamThreadMessagesResponse(_message.Message):
-    """One event in a thread, in commit order."""
+    """One event in a thread, in commit order.
+
+    Handshake: the replay of everything after `after` comes first, then exactly
+    one `caught_up` once the stream is live; any message committed after the
+    client received `caught_up` is delivered. A stream ends with UNAVAILABLE or
+    RESOURCE_EXHAUSTED (resume from the last cursor), NOT_FOUND (no longer a
+    participant, or the thread is gone), FAILED_PRECONDITION THREAD_ARCHIVED, or
+    PERMISSION_DENIED (the user was deactivated or deleted).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -661,14 +673,32 @@ class StreamThreadMessagesResponse(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Resume with this as `after` to continue right after this event."""
     @_builtins.property
-    def created(self) -> Global___Message: ...
+    def created(self) -> Global___Message:
+        """A message was sent (a replayed creation carries the message as it is now)."""
+
     @_builtins.property
-    def updated(self) -> Global___Message: ...
+    def updated(self) -> Global___Message:
+        """A message was edited, or an attachment was added to it."""
+
     @_builtins.property
-    def deleted(self) -> Global___Message: ...
+    def deleted(self) -> Global___Message:
+        """A message was deleted: it stays in history as a tombstone."""
+
+    @_builtins.property
+    def caught_up(self) -> Global___CaughtUp:
+        """The replay is complete and the stream is live from `cursor` on."""
+
+    @_builtins.property
+    def removed(self) -> Global___Message:
+        """A message left history altogether (its author's account was deleted):
+        drop it. Only `id`, `thread_id`, `user_id` and `cursor` are set.
+        """
+
     def __init__(
         self,
         *,
@@ -676,13 +706,39 @@ class StreamThreadMessagesResponse(_message.Message):
         created: Global___Message | None = ...,
         updated: Global___Message | None = ...,
         deleted: Global___Message | None = ...,
+        caught_up: Global___CaughtUp | None = ...,
+        removed: Global___Message | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "deleted", b"deleted", "event", b"event", "updated", b"updated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "created", b"created", "deleted", b"deleted", "event", b"event", "removed", b"removed", "updated", b"updated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "cursor", b"cursor", "deleted", b"deleted", "event", b"event", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "created", b"created", "cursor", b"cursor", "deleted", b"deleted", "event", b"event", "removed", b"removed", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["created", "updated", "deleted"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["created", "updated", "deleted", "caught_up", "removed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___StreamThreadMessagesResponse: _TypeAlias = StreamThreadMessagesResponse  # noqa: Y015
+
+@_typing.final
+class CaughtUp(_message.Message):
+    """Sent once per stream, after the replay, when live delivery has begun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Where live delivery continues; equal to the stream response's `cursor`.
+    For an empty thread it is still a usable cursor.
+    """
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaughtUp: _TypeAlias = CaughtUp  # noqa: Y015

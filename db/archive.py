@@ -1,11 +1,13 @@
 """Data archival: move whole threads older than a cutoff into the archive tables.
 
-A thread moves with its participants, messages and attachments, in one
+A thread moves with its participants, messages, attachments and stream
+removal records (its positions move with it, so cursors stay valid), in one
 transaction per batch: a batch takes threads (oldest activity first) until their
 messages reach the batch size (at least one thread per batch, so a thread is
 never split across transactions and never half-moved). Each move is
 `DELETE ... RETURNING` feeding `INSERT`. Interrupted runs resume by running
-again: whatever committed is archived, the rest is still live.
+again: whatever committed is archived, the rest is still live. Each batch ends
+the open streams of its threads (a `chat_membership` notification, sent at commit).
 """
 
 from __future__ import annotations
@@ -61,8 +63,20 @@ _MOVE = (
     """,
     """
     WITH moved AS (
+        DELETE FROM message_removals WHERE thread_id = ANY ($1::uuid[]) RETURNING *
+    ) INSERT INTO archived_message_removals SELECT * FROM moved
+    """,
+    """
+    WITH moved AS (
         DELETE FROM threads WHERE id = ANY ($1::uuid[]) RETURNING *
     ) INSERT INTO archived_threads SELECT * FROM moved
+    """,
+    # Open streams of the moved threads end (NOT_FOUND, as for a deleted thread):
+    # after commit, every messages-service process hears it (services/messages/hub.py).
+    """
+    SELECT pg_notify('chat_membership',
+                     json_build_object('thread_id', id, 'user_id', NULL)::text)
+    FROM unnest($1::uuid[]) AS id
     """,
 )
 
@@ -87,6 +101,10 @@ _RESTORE = (
         WHERE a.message_id = m.id AND m.thread_id = $1
         RETURNING a.*
     ) INSERT INTO message_attachments SELECT * FROM moved
+    """,
+    """
+    WITH moved AS (DELETE FROM archived_message_removals WHERE thread_id = $1 RETURNING *)
+    INSERT INTO message_removals SELECT * FROM moved
     """,
 )
 
@@ -159,4 +177,8 @@ async def restore_thread(conn: DbConnection, thread_id: UUID) -> int:
         await conn.execute(_RESTORE[1], thread_id)
         status = await conn.execute(_RESTORE[2], thread_id)
         await conn.execute(_RESTORE[3], thread_id)
+        await conn.execute(_RESTORE[4], thread_id)
+    # No stream can be open on an archived thread; its positions (last_seq, the
+    # messages' seq/change_seq, the removals) come back unchanged, so a cursor
+    # handed out before archival resumes exactly where it left off.
     return int(status.rsplit(" ", 1)[1])

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "chat.v1"
@@ -152,8 +152,22 @@ class Unauthenticated(DomainError):
 
 
 class ResourceExhausted(DomainError):
+    """A limit was hit; `retry_after_s` adds a google.rpc.RetryInfo hint."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, reason=reason)
+
+    def extra_details(self) -> Iterable[object]:
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            yield error_details_pb2.RetryInfo(retry_delay=delay)
 
 
 class Unavailable(DomainError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from dataclasses import dataclass
 from uuid import UUID
 
 from chat.v1 import messages_pb2
@@ -44,36 +44,44 @@ def message_to_proto(row: MessageRow) -> messages_pb2.Message:
         attachments=[] if deleted else [attachment_to_proto(a) for a in row.attachments],
         created_at=to_timestamp(row.created_at),
         updated_at=to_timestamp(row.updated_at),
-        cursor=encode_cursor(row.thread_id, row.change_seq),
+        # Resuming from the creation replays every later event: a safe resume
+        # point whatever happened to the message since (see messages.proto).
+        cursor=encode_cursor(row.thread_id, row.seq),
     )
 
 
-class _RecentProtos:
-    """Each live row becomes a protobuf once, not once per subscriber of its thread."""
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One stream response, converted once and shared by every subscriber it reaches."""
 
-    def __init__(self, size: int = 1024) -> None:
-        self._size = size
-        self._items: OrderedDict[tuple[UUID, int], messages_pb2.Message] = OrderedDict()
-
-    def get(self, row: MessageRow) -> messages_pb2.Message:
-        key = (row.id, row.change_seq)
-        found = self._items.get(key)
-        if found is None:
-            found = self._items[key] = message_to_proto(row)
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return found
+    position: int
+    response: messages_pb2.StreamThreadMessagesResponse
+    size: int  # serialised bytes: what a subscriber's buffer counts
 
 
-_recent = _RecentProtos()
+def stream_event(event: ThreadEvent) -> StreamEvent:
+    """The stream response for `event`; its cursor (and its message's) resume right after it."""
+    row = event.row
+    cursor = encode_cursor(row.thread_id, event.position)
+    if row.status == "removed":
+        removed = messages_pb2.Message(
+            id=str(row.id), thread_id=str(row.thread_id), user_id=str(row.user_id), cursor=cursor
+        )
+        response = messages_pb2.StreamThreadMessagesResponse(cursor=cursor, removed=removed)
+    else:
+        message = message_to_proto(row)
+        message.cursor = cursor
+        if event.is_creation:
+            response = messages_pb2.StreamThreadMessagesResponse(cursor=cursor, created=message)
+        elif row.status == "deleted":
+            response = messages_pb2.StreamThreadMessagesResponse(cursor=cursor, deleted=message)
+        else:
+            response = messages_pb2.StreamThreadMessagesResponse(cursor=cursor, updated=message)
+    return StreamEvent(event.position, response, response.ByteSize())
 
 
-def event_of(event: ThreadEvent) -> messages_pb2.StreamThreadMessagesResponse:
-    """The stream response for `event`; its cursor resumes right after it."""
-    message = _recent.get(event.row)
-    cursor = encode_cursor(event.row.thread_id, event.position)
-    if event.is_creation:
-        return messages_pb2.StreamThreadMessagesResponse(cursor=cursor, created=message)
-    if event.row.status == "deleted":
-        return messages_pb2.StreamThreadMessagesResponse(cursor=cursor, deleted=message)
-    return messages_pb2.StreamThreadMessagesResponse(cursor=cursor, updated=message)
+def caught_up(thread_id: UUID, position: int) -> messages_pb2.StreamThreadMessagesResponse:
+    cursor = encode_cursor(thread_id, position)
+    return messages_pb2.StreamThreadMessagesResponse(
+        cursor=cursor, caught_up=messages_pb2.CaughtUp(cursor=cursor)
+    )

@@ -28,10 +28,11 @@ from services.common.pagination import decode_page_token, encode_page_token, pag
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
 from services.messages import store
-from services.messages.convert import attachment_to_proto, event_of, message_to_proto
+from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
 from services.messages.hub import StreamHub
 from services.messages.settings import MessagesSettings
+from services.messages.stream import stream_thread
 from services.messages.validation import (
     attachment_of,
     attachments_of,
@@ -347,27 +348,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         after = decode_cursor(request.after, thread_id) if request.after else None
         caller = caller_of(context)
-        async with self._pool.acquire() as conn:
-            await _thread_access(conn, caller, thread_id)
-        # Subscribe first, then replay: whatever commits after the subscription is
-        # queued, whatever committed before it is in the replay; positions dedupe.
-        sub = await self._hub.subscribe(thread_id, caller.user_id)
-        try:
-            delivered = sub.start_seq if after is None else after
-            batch = self._settings.stream_fetch_batch
-            while after is not None:
-                async with self._pool.acquire() as conn:
-                    events = await store.events_after(conn, thread_id, delivered, batch)
-                for event in events:
-                    yield event_of(event)
-                    delivered = event.position
-                if len(events) < batch:
-                    break
-            while True:
-                event = await sub.next()
-                if event.position <= delivered:
-                    continue  # already replayed
-                yield event_of(event)
-                delivered = event.position
-        finally:
-            self._hub.unsubscribe(sub)
+        async for response in stream_thread(
+            self._pool, self._hub, self._settings, thread_id, caller.user_id, after
+        ):
+            yield response

@@ -15,10 +15,28 @@ class MessagesSettings(BaseSettings):
     max_metadata_bytes: int = Field(default=16 * 1024, ge=2, alias="MESSAGE_MAX_METADATA_BYTES")
     # Attachments per message, in one send or added later.
     max_attachments: int = Field(default=20, ge=0, alias="MESSAGE_MAX_ATTACHMENTS")
-    # Events buffered per open stream; a consumer this far behind is cut off with
-    # RESOURCE_EXHAUSTED and resumes from its cursor.
+    # Events and bytes (serialised) buffered per open stream; a consumer that far
+    # behind is cut off with RESOURCE_EXHAUSTED and resumes from its cursor.
     stream_buffer: int = Field(default=256, ge=1, alias="STREAM_BUFFER_EVENTS")
-    # Rows per database round trip when replaying or fetching a thread's events.
+    stream_buffer_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=64 * 1024, alias="STREAM_BUFFER_BYTES"
+    )
+    # One database round trip of a replay or live fetch returns at most this many
+    # events and, past the first, about this many bytes of them.
     stream_fetch_batch: int = Field(default=200, ge=1, le=10_000, alias="STREAM_FETCH_BATCH")
-    # Delay before the listening connection is re-opened after it drops.
+    stream_fetch_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, alias="STREAM_FETCH_BYTES")
+    # Streams one process serves at once; past it, opens get RESOURCE_EXHAUSTED
+    # with a retry hint (another replica, or this one a little later).
+    stream_max_open: int = Field(default=10_000, ge=1, alias="STREAM_MAX_OPEN")
+    # Live fetches (one per thread with new events) running at once.
+    stream_fetch_concurrency: int = Field(default=4, ge=1, alias="STREAM_FETCH_CONCURRENCY")
+    # First delay before the listening connection is re-opened after it drops;
+    # it doubles (with jitter) up to STREAM_LISTENER_RETRY_MAX.
     listener_retry_s: float = Field(default=1.0, gt=0, alias="STREAM_LISTENER_RETRY")
+    listener_retry_max_s: float = Field(default=15.0, gt=0, alias="STREAM_LISTENER_RETRY_MAX")
+    # The listening connection is probed this often; a probe unanswered within
+    # the timeout counts it as dead (a blackholed TCP connection never errors).
+    listener_heartbeat_s: float = Field(default=5.0, gt=0, alias="STREAM_LISTENER_HEARTBEAT")
+    listener_heartbeat_timeout_s: float = Field(
+        default=5.0, gt=0, alias="STREAM_LISTENER_HEARTBEAT_TIMEOUT"
+    )

@@ -127,36 +127,77 @@ SEARCH_PAGE = named(
     LIMIT $5
     """,
 )
-# Replay and live fetch, in commit order: a thread's stream from position $2, that
-# is every message created after it (at its seq) and every later change (at
-# change_seq; edits in between collapse into the latest). A creation is never
-# hidden behind a later edit, so a client learns of every message through a
-# `created` event. Each branch walks its own index.
+# Replay and live fetch, in commit order: a thread's stream after position $2,
+# that is every message created after it (at its seq), every later change (at
+# change_seq; edits in between collapse into the latest) and every removal from
+# history (message_removals, status 'removed'). A creation is never hidden
+# behind a later edit, so a client learns of every message through a `created`
+# event. Each branch walks its own index. At most $3 events, and past the first
+# about $4 bytes of them (content, metadata and attachments as stored), so a
+# batch of maximum-size messages stays bounded in memory.
 EVENTS_AFTER = named(
     "messages.events_after",
     """
     SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq, position, is_creation
+           updated_at, seq, change_seq, position, is_creation, fetched
     FROM (
-        (SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-                updated_at, seq, change_seq, seq AS position, true AS is_creation
-         FROM messages
-         WHERE thread_id = $1 AND seq > $2
-         ORDER BY seq
-         LIMIT $3)
-        UNION ALL
-        (SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-                updated_at, seq, change_seq, change_seq AS position, false AS is_creation
-         FROM messages
-         WHERE thread_id = $1 AND change_seq > $2 AND change_seq <> seq
-         ORDER BY change_seq
-         LIMIT $3)
-    ) events
+        SELECT e.*, sum(e.bytes) OVER (ORDER BY e.position) - e.bytes AS bytes_before,
+               count(*) OVER () AS fetched
+        FROM (
+            SELECT e.*,
+                   octet_length(e.content) + coalesce(octet_length(e.metadata::text), 0)
+                   + coalesce((SELECT sum(octet_length(a.url) + octet_length(a.name)
+                                          + coalesce(octet_length(a.metadata::text), 0) + 64)
+                               FROM message_attachments a WHERE a.message_id = e.id), 0)
+                   + 128 AS bytes
+            FROM (
+                (SELECT id, thread_id, user_id, content, parent_id, status, metadata,
+                        created_at, updated_at, seq, change_seq, seq AS position,
+                        true AS is_creation
+                 FROM messages
+                 WHERE thread_id = $1 AND seq > $2
+                 ORDER BY seq
+                 LIMIT $3)
+                UNION ALL
+                (SELECT id, thread_id, user_id, content, parent_id, status, metadata,
+                        created_at, updated_at, seq, change_seq, change_seq AS position,
+                        false AS is_creation
+                 FROM messages
+                 WHERE thread_id = $1 AND change_seq > $2 AND change_seq <> seq
+                 ORDER BY change_seq
+                 LIMIT $3)
+                UNION ALL
+                (SELECT message_id, thread_id, user_id, '', NULL::uuid, 'removed', NULL::jsonb,
+                        removed_at, removed_at, position, position, position, false
+                 FROM message_removals
+                 WHERE thread_id = $1 AND position > $2
+                 ORDER BY position
+                 LIMIT $3)
+                ORDER BY position
+                LIMIT $3
+            ) e
+        ) e
+    ) e
+    WHERE bytes_before < $4
     ORDER BY position
-    LIMIT $3
     """,
 )
-LAST_SEQ = named("messages.last_seq", "SELECT last_seq FROM threads WHERE id = $1")
+# May these readers still stream the thread? One row per thread that exists:
+# archived or not, its position, which of the users $2 are participants and
+# which are inactive or gone. The hub reads this *after* the events it is about
+# to deliver (see hub.py: "events, then access").
+STREAM_ACCESS = named(
+    "messages.stream_access",
+    """
+    SELECT t.is_archived, t.last_seq,
+           ARRAY(SELECT p.user_id FROM thread_participants p
+                 WHERE p.thread_id = t.id AND p.user_id = ANY ($2::uuid[])) AS members,
+           ARRAY(SELECT x.id FROM unnest($2::uuid[]) AS x (id)
+                 WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = x.id AND u.is_active))
+               AS inactive
+    FROM threads t WHERE t.id = $1
+    """,
+)
 # A change to an existing message takes the next position under the thread lock.
 BUMP = named(
     "messages.bump_thread",
@@ -304,20 +345,51 @@ class ThreadEvent:
     row: MessageRow
 
 
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    events: list[ThreadEvent]
+    complete: bool  # nothing more after these events right now (no limit was hit)
+
+
 async def events_after(
-    conn: DbConnection, thread_id: UUID, after: int, limit: int
-) -> list[ThreadEvent]:
-    records = await conn.fetch(EVENTS_AFTER, thread_id, after, limit)
-    rows = await with_attachments(conn, [MessageRow(*tuple(r)[:-2]) for r in records])
-    return [
-        ThreadEvent(r["position"], r["is_creation"], row)
-        for r, row in zip(records, rows, strict=True)
-    ]
+    conn: DbConnection, thread_id: UUID, after: int, limit: int, max_bytes: int
+) -> EventBatch:
+    """At most `limit` events after `after`, and past the first about `max_bytes`."""
+    records = await conn.fetch(EVENTS_AFTER, thread_id, after, limit, max_bytes)
+    rows = await with_attachments(conn, [MessageRow(*tuple(r)[:11]) for r in records])
+    fetched = records[0]["fetched"] if records else 0
+    return EventBatch(
+        [
+            ThreadEvent(r["position"], r["is_creation"], row)
+            for r, row in zip(records, rows, strict=True)
+        ],
+        complete=fetched < limit and len(records) == fetched,
+    )
 
 
-async def last_seq(conn: DbConnection, thread_id: UUID) -> int | None:
-    value = await conn.fetchval(LAST_SEQ, thread_id)
-    return None if value is None else int(value)
+@dataclass(frozen=True, slots=True)
+class StreamAccess:
+    """A thread's state for its streams, read in one statement."""
+
+    archived: bool
+    last_seq: int
+    members: frozenset[UUID]
+    inactive: frozenset[UUID]
+
+
+async def stream_access(
+    conn: DbConnection, thread_id: UUID, user_ids: Sequence[UUID]
+) -> StreamAccess | None:
+    """None when the thread does not exist (deleted, or moved to the archive)."""
+    record = await conn.fetchrow(STREAM_ACCESS, thread_id, list(user_ids))
+    if record is None:
+        return None
+    return StreamAccess(
+        archived=bool(record["is_archived"]),
+        last_seq=int(record["last_seq"]),
+        members=frozenset(record["members"]),
+        inactive=frozenset(record["inactive"]),
+    )
 
 
 async def membership(

@@ -306,6 +306,9 @@ async def update_thread(
     record = await conn.fetchrow(UPDATE, thread_id, name[0], name[1], archived[0], archived[1])
     if record is None:
         raise NotFound("thread", str(thread_id))
+    if archived[0] and archived[1]:
+        # An archived thread has no live stream: open ones end (THREAD_ARCHIVED).
+        await notify_membership(conn, thread_id, None)
     return _thread(record)
 
 

@@ -150,6 +150,10 @@ UPDATE = named(
     """,
 )
 DELETE = named("users.delete", "DELETE FROM users WHERE id = $1")
+# Before the cascade: the user's messages leave their threads' streams as
+# `removed` events and replies to them lose their parent as `updated` events
+# (migration 0008), so stream consumers stay equal to history.
+FORGET_MESSAGES = named("users.forget_messages", "SELECT chat_forget_user_messages($1)")
 # A user who can no longer act (deactivated or deleted): the messages service ends
 # their open streams when this commits (`thread_id` null means every thread).
 NOTIFY_USER_GONE = named(
@@ -266,6 +270,8 @@ async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -
 
 
 async def delete_user(conn: DbConnection, user_id: UUID) -> None:
+    """Delete in the caller's transaction (the two statements must commit together)."""
+    await conn.execute(FORGET_MESSAGES, user_id)
     status = await conn.execute(DELETE, user_id)
     if status == "DELETE 0":
         raise NotFound("user", str(user_id))

@@ -54,6 +54,19 @@ async def read(stream: grpc.aio.UnaryStreamCall, n: int) -> list[Event]:  # type
     return events
 
 
+async def until_caught_up(
+    stream: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
+) -> tuple[list[Event], str]:
+    """The replayed events, then the caught_up cursor: from here on the stream is live."""
+    replayed = []
+    while True:
+        [event] = await read(stream, 1)
+        if event.WhichOneof("event") == "caught_up":
+            assert event.caught_up.cursor == event.cursor
+            return replayed, event.cursor
+        replayed.append(event)
+
+
 async def until_subscribed(server: MessagesServer, count: int = 1) -> None:
     for _ in range(600):  # bounded wait for the server to register the stream
         if server.hub.subscriber_count >= count:
@@ -68,11 +81,14 @@ async def test_replay_then_live_without_gap_or_duplicate(
     messages = server.stub
     before = [await send(messages, room, f"old{i}") for i in range(5)]
     stream = open_stream(messages, room, after=before[1].cursor)
-    # Sends race with the replay: every one must arrive exactly once, in order.
+    # Sends race with the replay: every one must arrive exactly once, in order,
+    # with exactly one caught_up somewhere among them.
     racing = asyncio.gather(*(send(messages, room, f"new{i}") for i in range(25)))
-    events = await read(stream, 3 + 25)
+    events = await read(stream, 3 + 25 + 1)
     sent_live = await racing
     stream.cancel()
+    assert [e.WhichOneof("event") for e in events].count("caught_up") == 1
+    events = [e for e in events if e.WhichOneof("event") != "caught_up"]
     ids = [e.created.id for e in events]
     assert all(e.WhichOneof("event") == "created" for e in events)
     assert len(set(ids)) == len(ids) == 28
@@ -89,7 +105,7 @@ async def test_replay_then_live_without_gap_or_duplicate(
 async def test_resume_from_a_cursor_misses_nothing(server: MessagesServer, room: Room) -> None:
     messages = server.stub
     stream = open_stream(messages, room)
-    await until_subscribed(server)
+    await until_caught_up(stream)
     first = await send(messages, room, "one")
     [event] = await read(stream, 1)
     assert event.created.id == first.id
@@ -103,7 +119,7 @@ async def test_resume_from_a_cursor_misses_nothing(server: MessagesServer, room:
         metadata=as_user(room.member),
     )
     resumed = open_stream(messages, room, after=event.cursor)  # ... and comes back
-    events = await read(resumed, 4)
+    events, _ = await until_caught_up(resumed)
     assert [e.WhichOneof("event") for e in events] == ["created"] * 3 + ["updated"]
     assert [e.created.id for e in events[:3]] == [m.id for m in missed]
     assert events[3].updated.content == edited_first.message.content
@@ -131,13 +147,18 @@ async def test_a_message_edited_before_the_replay_still_arrives_as_created(
         metadata=as_user(room.member),
     )
     stream = open_stream(messages, room, after=before.cursor)
-    events = await read(stream, 3)
+    events, _ = await until_caught_up(stream)
     kinds = [(e.WhichOneof("event"), getattr(e, e.WhichOneof("event") or "").id) for e in events]
     assert kinds == [("created", x.id), ("created", y.id), ("updated", x.id)]
     assert events[0].created.content == "x, edited"  # every event carries the current state
     # Resuming from any event's cursor continues right after it.
     resumed = open_stream(messages, room, after=events[0].cursor)
-    assert [e.cursor for e in await read(resumed, 2)] == [e.cursor for e in events[1:]]
+    again, _ = await until_caught_up(resumed)
+    assert [e.cursor for e in again] == [e.cursor for e in events[1:]]
+    # A replayed event's message carries the event's own cursor: one cursor per event.
+    assert [getattr(e, e.WhichOneof("event") or "").cursor for e in events] == [
+        e.cursor for e in events
+    ]
     stream.cancel()
     resumed.cancel()
 
@@ -146,7 +167,8 @@ async def test_live_only_stream_and_cursor_validation(server: MessagesServer, ro
     messages = server.stub
     await send(messages, room, "before the stream")
     stream = open_stream(messages, room)
-    await until_subscribed(server)
+    replayed, _ = await until_caught_up(stream)  # live only: caught_up comes first
+    assert replayed == []
     fresh = await send(messages, room, "after")
     [event] = await read(stream, 1)
     assert event.created.id == fresh.id
@@ -174,7 +196,7 @@ async def test_delivery_across_two_server_processes(
             before = await send(server.stub, room, "marker before")
             marker = await send(server.stub, room, "marker after")
             stream = open_stream(remote, room, after=before.cursor)
-            [replayed] = await read(stream, 1)
+            [replayed], _ = await until_caught_up(stream)
             assert replayed.created.id == marker.id
             sent = await send(server.stub, room, "across processes")
             [event] = await read(stream, 1)
@@ -199,7 +221,7 @@ async def test_slow_consumer_is_cut_off_not_buffered(
         messages = messages_pb2_grpc.MessagesServiceStub(channel)
         stream = open_stream(messages_pb2_grpc.MessagesServiceStub(slow), room)
         server = MessagesServer(service, channel, messages)
-        await until_subscribed(server)
+        await until_caught_up(stream)
         for i in range(40):
             await send(messages, room, f"{i} " + "x" * 9_000)
         received = 0
@@ -217,7 +239,8 @@ async def test_cancellation_leaves_nothing_behind(server: MessagesServer, room: 
     messages = server.stub
     baseline = len(asyncio.all_tasks())
     streams = [open_stream(messages, room) for _ in range(5)]
-    await until_subscribed(server, 5)
+    for stream in streams:
+        await until_caught_up(stream)
     await send(messages, room, "to everyone")
     for stream in streams:
         assert len(await read(stream, 1)) == 1
@@ -239,7 +262,8 @@ async def test_removed_participant_stream_ends(
 ) -> None:
     watcher = open_stream(server.stub, room, user=room.member)
     owner_view = open_stream(server.stub, room, user=room.owner)
-    await until_subscribed(server, 2)
+    await until_caught_up(watcher)
+    await until_caught_up(owner_view)
     async with db_pool.acquire() as conn, conn.transaction():
         # What ThreadsService.RemoveParticipant does (the cross-service contract).
         await conn.execute(
@@ -264,7 +288,7 @@ async def test_listener_reconnects_and_catches_up(
     server: MessagesServer, room: Room, db_pool: asyncpg.Pool
 ) -> None:
     stream = open_stream(server.stub, room)
-    await until_subscribed(server)
+    await until_caught_up(stream)
     killed = await db_pool.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE application_name = 'chat-messages-listener' AND datname = current_database()"
@@ -285,7 +309,7 @@ async def test_graceful_stop_ends_streams_with_a_status_to_resume_from(
         messages = messages_pb2_grpc.MessagesServiceStub(channel)
         server = MessagesServer(service, channel, messages)
         stream = open_stream(messages, room)
-        await until_subscribed(server)
+        await until_caught_up(stream)
         sent = await send(messages, room, "before the stop")
         [event] = await read(stream, 1)
         assert event.created.id == sent.id

@@ -58,21 +58,13 @@ async def until_caught_up(
     stream: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
 ) -> tuple[list[Event], str]:
     """The replayed events, then the caught_up cursor: from here on the stream is live."""
-    replayed = []
+    replayed: list[Event] = []
     while True:
         [event] = await read(stream, 1)
         if event.WhichOneof("event") == "caught_up":
             assert event.caught_up.cursor == event.cursor
             return replayed, event.cursor
         replayed.append(event)
-
-
-async def until_subscribed(server: MessagesServer, count: int = 1) -> None:
-    for _ in range(600):  # bounded wait for the server to register the stream
-        if server.hub.subscriber_count >= count:
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("the stream never subscribed")
 
 
 async def test_replay_then_live_without_gap_or_duplicate(
@@ -307,7 +299,6 @@ async def test_graceful_stop_ends_streams_with_a_status_to_resume_from(
     """SIGTERM's path: open streams end UNAVAILABLE at once, not CANCELLED at the grace's end."""
     async with running(DEFINITION, service_settings) as (service, channel):
         messages = messages_pb2_grpc.MessagesServiceStub(channel)
-        server = MessagesServer(service, channel, messages)
         stream = open_stream(messages, room)
         await until_caught_up(stream)
         sent = await send(messages, room, "before the stop")

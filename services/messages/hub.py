@@ -268,9 +268,9 @@ class StreamHub:
         feed.subscribers.add(sub)
         self._open += 1
         OPEN_STREAMS.inc()
-        if feed.position is not None:
-            sub._start(feed.position)
-        self._kick(feed)  # a new reader is checked (and a new feed positioned) at once
+        # Started only once a fetch has checked its access: an outsider learns
+        # nothing (not even a caught_up) before its NOT_FOUND.
+        self._kick(feed)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -446,3 +446,16 @@ async def test_open_stream_limit_answers_resource_exhausted_with_a_retry_hint(
             pytest.fail("the freed slot never became available")
         for stream in [*streams[1:], retry]:
             stream.cancel()
+
+
+async def test_an_outsider_learns_nothing_before_not_found(
+    server: MessagesServer, room: Room
+) -> None:
+    """Also when the thread already has a live feed in this process (others stream it)."""
+    member_view = open_stream(server.stub, room, user=room.member)
+    await until_caught_up(member_view)
+    for after in ("", (await send(server.stub, room, "hidden")).cursor):
+        outsider = open_stream(server.stub, room, after=after, user=room.outsider)
+        code, seen = await ended_with(outsider)
+        assert (code, seen) == (grpc.StatusCode.NOT_FOUND, [])
+    member_view.cancel()

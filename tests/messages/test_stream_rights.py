@@ -459,3 +459,42 @@ async def test_an_outsider_learns_nothing_before_not_found(
         code, seen = await ended_with(outsider)
         assert (code, seen) == (grpc.StatusCode.NOT_FOUND, [])
     member_view.cancel()
+
+
+async def test_a_failing_fetch_of_one_thread_does_not_stall_the_others(
+    server: MessagesServer, db_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: thread A's live fetches fail (as a dropped connection does)
+    until the test lets them through; thread B keeps flowing meanwhile."""
+    from services.messages import store
+    from tests.messages.conftest import new_room
+
+    a, b = await new_room(db_pool), await new_room(db_pool)
+    real = store.events_after
+    failing = asyncio.Event()
+    failing.set()
+    failures = 0
+
+    async def events_after(conn: asyncpg.Connection, thread_id: uuid.UUID, *args: int):  # type: ignore[no-untyped-def]
+        nonlocal failures
+        if str(thread_id) == a.thread_id and failing.is_set():
+            failures += 1
+            raise asyncpg.ConnectionDoesNotExistError("injected: connection lost")
+        return await real(conn, thread_id, *args)
+
+    stream_a = open_stream(server.stub, a, user=a.member)
+    stream_b = open_stream(server.stub, b, user=b.member)
+    await until_caught_up(stream_a)
+    await until_caught_up(stream_b)
+    monkeypatch.setattr(store, "events_after", events_after)
+    sent_a = await send(server.stub, a, "to the failing thread")
+    for i in range(5):
+        sent_b = await send(server.stub, b, f"to the healthy thread {i}")
+        [event] = await read(stream_b, 1)
+        assert event.created.id == sent_b.id
+    assert failures >= 1
+    failing.clear()  # the fault heals: A's retry (with backoff) delivers
+    [event] = await read(stream_a, 1)
+    assert event.created.id == sent_a.id
+    stream_a.cancel()
+    stream_b.cancel()

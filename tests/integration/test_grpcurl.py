@@ -126,7 +126,8 @@ async def test_stream_receives_a_message(system: Addresses, clients: Clients) ->
         return printed
 
     try:
-        await printed_until("marker after")  # replayed: the stream is live from here
+        replay = await printed_until('"caught_up"')  # the handshake: live from here
+        assert "marker after" in replay and "marker before" not in replay
         await clients.messages.SendMessage(
             messages_pb2.SendMessageRequest(
                 thread_id=thread.id, user_id=ada.id, content="to the stream"

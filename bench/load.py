@@ -130,7 +130,8 @@ async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
         )
         try:
             async for event in call:
-                received.setdefault(event.created.id, []).append(time.time())
+                if event.HasField("created"):  # not the caught_up handshake
+                    received.setdefault(event.created.id, []).append(time.time())
         except grpc.aio.AioRpcError:
             pass
 

@@ -116,29 +116,17 @@ async def clients(system: Addresses) -> AsyncIterator[Clients]:
 
 async def open_live_stream(
     stream_via: messages_pb2_grpc.MessagesServiceAsyncStub,
-    send_via: messages_pb2_grpc.MessagesServiceAsyncStub,
     thread_id: str,
     *,
     reader: str | None,
-    writer: str,
 ) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
-    """A stream that is provably live: it has delivered a marker sent after a cursor.
-
-    Two markers are sent, the stream opens after the first one's cursor, and the
-    second arrives through the replay; once it has, the subscription is active,
-    so everything sent afterwards must come through live delivery.
-    """
-    sent = []
-    for text in ("marker before", "marker after"):
-        reply = await send_via.SendMessage(
-            messages_pb2.SendMessageRequest(thread_id=thread_id, user_id=writer, content=text)
-        )
-        sent.append(reply.message)
+    """A live-only stream after its handshake: `caught_up` is the first event, and
+    everything committed after the client received it must be delivered."""
     stream = stream_via.StreamThreadMessages(
-        messages_pb2.StreamThreadMessagesRequest(thread_id=thread_id, after=sent[0].cursor),
+        messages_pb2.StreamThreadMessagesRequest(thread_id=thread_id),
         metadata=as_user(reader) if reader else (),
     )
     event = await asyncio.wait_for(stream.read(), timeout=30)
     assert isinstance(event, messages_pb2.StreamThreadMessagesResponse)
-    assert event.created.id == sent[1].id
+    assert event.WhichOneof("event") == "caught_up", event
     return stream

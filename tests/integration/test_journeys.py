@@ -83,9 +83,7 @@ async def test_group_thread_stream_edit_delete(clients: Clients) -> None:
     assert roles[owner.id] == OWNER
 
     # Another client streams while messages are sent.
-    stream = await open_live_stream(
-        clients.messages, clients.messages, thread_id, reader=listener.id, writer=owner.id
-    )
+    stream = await open_live_stream(clients.messages, thread_id, reader=listener.id)
     received: list[messages_pb2.StreamThreadMessagesResponse] = []
 
     async def collect(n: int) -> None:
@@ -149,9 +147,7 @@ async def test_removed_participant_loses_access_and_stream(clients: Clients) -> 
         )
     )
     thread_id = created.thread.id
-    stream = await open_live_stream(
-        clients.messages, clients.messages, thread_id, reader=leaver.id, writer=owner.id
-    )
+    stream = await open_live_stream(clients.messages, thread_id, reader=leaver.id)
 
     async def drain() -> grpc.StatusCode:
         try:

@@ -38,9 +38,7 @@ async def test_metrics_answer_with_rpc_query_pool_and_stream_series(
             threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[ada.id, bob.id])
         )
     ).thread
-    stream = await open_live_stream(
-        clients.messages, clients.messages, thread.id, reader=bob.id, writer=ada.id
-    )
+    stream = await open_live_stream(clients.messages, thread.id, reader=bob.id)
     first = asyncio.ensure_future(stream.read())
     await clients.messages.SendMessage(
         messages_pb2.SendMessageRequest(thread_id=thread.id, user_id=ada.id, content="metered"),

@@ -25,9 +25,7 @@ async def test_stream_on_one_replica_receives_send_through_the_other(
     ).thread
     async with grpc.aio.insecure_channel(system.messages_replica) as replica_channel:
         replica = messages_pb2_grpc.MessagesServiceStub(replica_channel)
-        stream = await open_live_stream(
-            replica, clients.messages, thread.id, reader=bob.id, writer=ada.id
-        )
+        stream = await open_live_stream(replica, thread.id, reader=bob.id)
         first = asyncio.ensure_future(stream.read())
         sent = await clients.messages.SendMessage(
             messages_pb2.SendMessageRequest(thread_id=thread.id, user_id=ada.id, content="across"),

@@ -5,15 +5,31 @@ is set, then that the end user named by `x-user-id` may act (the service
 passes the check), (2) turns domain errors into gRPC statuses with rich details, database
 outages into UNAVAILABLE and anything unexpected into a bare INTERNAL (the cause
 is logged, never sent), and (3) logs method, status code and duration.
+
+A call's context is only touched while its RPC is running. grpcio releases the
+core call as soon as the RPC's task ends (its `finally` in `_schedule_rpc_coro`
+sets the call to NULL), and `context.peer()` on a released call dereferences
+NULL: the process dies with SIGSEGV. So everything the log line needs (method,
+peer, start time) is captured when the call starts, and server streams are
+driven here, as a coroutine that writes with `context.write()`, rather than
+handed back to grpcio as an async generator: grpcio leaves an async generator
+suspended at its `yield` when the client cancels during a write and the event
+loop closes it later, after the call was released, so the generator's
+`finally` (this interceptor's log line, the handler's clean-up) ran at an
+arbitrary later time on a dead call. Driven here, cancellation arrives inside
+this coroutine while the call is alive, and the handler's generator is closed
+at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -39,7 +55,11 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
-StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+# A server-streaming handler either yields its responses (an async generator, as
+# the services' servicers do) or writes them with context.write() and returns
+# None (a coroutine, as grpcio-health-checking's HealthServicer.Watch does).
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any] | Awaitable[None]]
+WriterBehavior = Callable[[Any, Context], Awaitable[None]]
 
 
 def _token_matches(presented: str, tokens: Sequence[str]) -> bool:
@@ -147,7 +167,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         quiet = self._is_open(method)
 
         async def behavior(request: Any, context: Context) -> Any:
-            started = time.perf_counter()
+            call = _CallRecord.start(method, context, quiet=quiet)
             code = grpc.StatusCode.OK
             try:
                 if not quiet:
@@ -162,15 +182,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 await _abort(context, error)
             finally:
-                _log_rpc(method, code, started, context, quiet=quiet)
+                _log_rpc(call, code)
 
         return behavior
 
-    def _stream(self, inner: StreamBehavior, method: str, needs_token: bool) -> StreamBehavior:
+    def _stream(self, inner: StreamBehavior, method: str, needs_token: bool) -> WriterBehavior:
         quiet = self._is_open(method)
 
-        async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            started = time.perf_counter()
+        # A coroutine function on purpose (see the module docstring): grpcio then
+        # awaits it inside the RPC's task, so a cancellation reaches this frame
+        # while the call is alive, and the handler's generator is closed here.
+        async def behavior(request: Any, context: Context) -> None:
+            call = _CallRecord.start(method, context, quiet=quiet)
             code = grpc.StatusCode.OK
             try:
                 if not quiet:
@@ -178,17 +201,46 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                         self._authenticate(context)
                     _require_decoded(request)  # before the caller check's lookup
                     await self._check_caller(context)
-                async for item in inner(request, context):
-                    yield item
+                await _drive(inner(request, context), context)
             except BaseException as exc:
                 code, error = _classify(exc, method, context)
                 if error is None:
                     raise
                 await _abort(context, error)
             finally:
-                _log_rpc(method, code, started, context, quiet=quiet)
+                _log_rpc(call, code)
 
         return behavior
+
+
+async def _drive(responses: AsyncIterator[Any] | Awaitable[None], context: Context) -> None:
+    """Run a streaming handler of either shape to its end, writing what it yields."""
+    if inspect.isawaitable(responses):  # writes for itself (context.write)
+        await responses
+        return
+    try:
+        async for response in responses:
+            await context.write(response)
+    finally:
+        # Cancelled while writing: the generator sits at its yield. Close it now,
+        # so its clean-up (e.g. leaving the stream hub) runs while the call lives.
+        aclose = getattr(responses, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass(frozen=True)
+class _CallRecord:
+    """What the per-RPC log line needs, captured while the call is certainly alive."""
+
+    method: str
+    peer: str
+    started: float
+    quiet: bool  # a probe (health, reflection): its routine lines go to DEBUG
+
+    @classmethod
+    def start(cls, method: str, context: Context, *, quiet: bool) -> _CallRecord:
+        return cls(method, context.peer(), time.perf_counter(), quiet)
 
 
 def _classify(
@@ -196,12 +248,19 @@ def _classify(
 ) -> tuple[grpc.StatusCode, DomainError | None]:
     """The status code `exc` ends the RPC with, and the error to abort with.
 
-    No error means "let it propagate": cancellation, and aborts already made.
+    No error means "let it propagate": cancellation, aborts already made, and
+    grpcio's own errors of a call that can no longer be written to. Only an
+    abort reads the context (its code, set by the abort that just ran, while the
+    RPC is still alive); a cancelled call's context is never touched.
     """
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return grpc.StatusCode.CANCELLED, None
     if isinstance(exc, grpc.aio.AbortError):
         return context.code() or grpc.StatusCode.UNKNOWN, None
+    if isinstance(exc, grpc.aio.BaseError) and not isinstance(exc, grpc.aio.UsageError):
+        # A write or status batch failed under the handler (the client went away,
+        # or the server is stopping): nothing more can be sent on this call.
+        return grpc.StatusCode.CANCELLED, None
     if isinstance(exc, DomainError):
         return exc.code, exc
     if isinstance(exc, NotImplementedError):
@@ -226,28 +285,34 @@ async def _abort(context: Context, error: DomainError) -> None:
     )
 
 
-def _log_rpc(
-    method: str,
-    code: grpc.StatusCode,
-    started: float,
-    context: Context,
-    *,
-    quiet: bool,
-) -> None:
-    """One line per RPC; probes (health, reflection) only at DEBUG."""
-    elapsed = time.perf_counter() - started
-    observe_rpc(method, code.name, elapsed)
-    elapsed_ms = elapsed * 1000
-    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-        level = logging.ERROR
-    else:
-        level = logging.DEBUG if quiet else logging.INFO
+# Levels of the per-RPC line by status code (RPC_LOG_LEVEL=WARNING keeps only failures).
+_ERROR_CODES = frozenset(
+    {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+)
+_ROUTINE_CODES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.CANCELLED})
+
+
+def rpc_log_level(code: grpc.StatusCode, *, quiet: bool) -> int:
+    """OK and CANCELLED (by the client) at INFO, probes' at DEBUG; every other
+    failure at WARNING; INTERNAL, UNKNOWN and DATA_LOSS at ERROR."""
+    if code in _ERROR_CODES:
+        return logging.ERROR
+    if code in _ROUTINE_CODES:
+        return logging.DEBUG if quiet else logging.INFO
+    return logging.WARNING
+
+
+def _log_rpc(call: _CallRecord, code: grpc.StatusCode) -> None:
+    """One line per RPC, from what was captured at its start (never from its context)."""
+    elapsed = time.perf_counter() - call.started
+    observe_rpc(call.method, code.name, elapsed)
+    level = rpc_log_level(code, quiet=call.quiet)
     if log.isEnabledFor(level):
         log.log(
             level,
             "rpc method=%s code=%s duration_ms=%.2f peer=%s",
-            method,
+            call.method,
             code.name,
-            elapsed_ms,
-            context.peer(),
+            elapsed * 1000,
+            call.peer,
         )

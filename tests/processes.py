@@ -1,8 +1,10 @@
 """Services as separate OS processes (`python -m services.<name>`), for tests.
 
 Each process binds a free port (GRPC_PORT=0) and names it in its start-up log
-line; the rest of its log is drained in the background (and kept for failure
-messages) so a chatty service never blocks on a full pipe.
+line; the rest of its log is drained in the background (its last LOG_KEPT lines
+are kept for failure messages and log assertions) so a chatty service never
+blocks on a full pipe. Services log exactly as deployed (one INFO line per RPC
+by default), so a long run produces a lot of lines: only the tail is kept.
 """
 
 from __future__ import annotations
@@ -15,9 +17,21 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.settings import ServiceSettings
+from services.messages.settings import MessagesSettings
+
 REPO = Path(__file__).resolve().parents[1]
+# Every variable a service reads its settings from: none is inherited from the
+# environment of whoever runs the tests, so a process gets the defaults.
+SETTINGS_VARIABLES = frozenset(
+    field.alias
+    for model in (ServiceSettings, MessagesSettings)
+    for field in model.model_fields.values()
+    if field.alias
+)
 _SERVING = re.compile(rb"serving [\w.]+ on port (\d+)")
 START_TIMEOUT_S = 60.0
+LOG_KEPT = 20_000
 
 
 @dataclass
@@ -44,14 +58,22 @@ class ServiceProcess:
 async def start_service_process(
     name: str, database_url: str, *, module: str | None = None, **env: str
 ) -> ServiceProcess:
-    """Start `python -m services.<name>` (or `module`) on a free port."""
+    """Start `python -m services.<name>` (or `module`) on a free port.
+
+    Only where it listens differs from a deployed process: GRPC_PORT=0 (a free
+    port) on loopback, and METRICS_PORT=0 (no /metrics endpoint, so parallel
+    processes never contend for the default port; pass METRICS_PORT to get one).
+    Every other setting is the default (the settings variables of this process's
+    environment are not passed on) unless the caller passes it in `env`, and a
+    caller does that only for the setting its test is about.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         module or f"services.{name}",
         cwd=REPO,
         env={
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES},
             "DATABASE_URL": database_url,
             "GRPC_PORT": "0",
             "GRPC_HOST": "127.0.0.1",
@@ -86,6 +108,8 @@ async def start_service_process(
         assert proc.stderr is not None
         async for line in proc.stderr:
             log.append(line.decode(errors="replace"))
+            if len(log) > LOG_KEPT:
+                del log[: len(log) - LOG_KEPT // 2]
 
     service._drain = asyncio.create_task(drain())
     return service

@@ -31,12 +31,16 @@ async def test_not_serving_while_database_is_down_then_recovers_without_restart(
         conn = await asyncpg.connect(url)
         await Migrator(conn, load_migrations()).up()
         await conn.close()
+        # The health watch's timing is the setting under test: a probe every 0.1 s, NOT_SERVING
+        # after 2 failures, so the outage is seen in well under a second. Its twin
+        # with the defaults (5 s, 3 failures) on real service processes is
+        # tests/common/test_health_watch.py. GRPC_HOST and METRICS_PORT=0 only say
+        # where to listen (loopback; no /metrics port shared by parallel servers).
         settings = ServiceSettings(
             DATABASE_URL=url,
             GRPC_HOST="127.0.0.1",
             HEALTH_CHECK_INTERVAL=0.1,
             HEALTH_FAILURE_THRESHOLD=2,
-            DB_POOL_MIN_SIZE=2,
             METRICS_PORT=0,
         )
         async with running(PROBE, settings) as (_, channel):

@@ -113,6 +113,7 @@ async def test_caller_identity_from_metadata(
 
 
 async def test_bearer_tokens_required_when_configured(database_url: str) -> None:
+    # AUTH_TOKENS is the setting under test (its default, unset, is every other test).
     settings = ServiceSettings(
         DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", AUTH_TOKENS="alpha, beta", METRICS_PORT=0
     )
@@ -140,6 +141,7 @@ async def test_in_flight_call_finishes_during_graceful_stop(
 
 
 def _service_env(database_url: str, **extra: str) -> dict[str, str]:
+    # METRICS_PORT=0: no /metrics port shared with parallel test processes.
     return {**os.environ, "DATABASE_URL": database_url, "METRICS_PORT": "0", **extra}
 
 
@@ -150,6 +152,8 @@ async def test_service_process_serves_and_stops_on_sigterm(database_url: str) ->
         "-m",
         "services.threads",
         cwd=REPO,
+        # LOG_LEVEL=INFO is the default, pinned so that a LOG_LEVEL in the caller's
+        # environment cannot hide the start-up line this test reads.
         env=_service_env(database_url, GRPC_PORT=port, GRPC_HOST="127.0.0.1", LOG_LEVEL="INFO"),
         stderr=asyncio.subprocess.PIPE,
     )

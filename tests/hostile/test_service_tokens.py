@@ -23,6 +23,7 @@ CASES: list[tuple[ServiceDefinition, FileDescriptor]] = [
 
 @pytest.fixture
 def guarded(database_url: str) -> ServiceSettings:
+    # AUTH_TOKENS is the setting under test; the rest are defaults but where to listen.
     return ServiceSettings(
         DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0, AUTH_TOKENS="s3cret"
     )

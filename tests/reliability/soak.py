@@ -544,9 +544,9 @@ async def start_system(database_url: str) -> AsyncIterator[dict[str, Endpoint]]:
     try:
         for name in SERVICES:
             port = free_port()
-            proc = await start_service_process(
-                name, database_url, METRICS_PORT=str(port), RPC_LOG_LEVEL="WARNING"
-            )
+            # Defaults throughout, logging included (one INFO line per RPC, as
+            # deployed); METRICS_PORT only gives each process a /metrics port.
+            proc = await start_service_process(name, database_url, METRICS_PORT=str(port))
             procs.append(proc)
             endpoints[name] = Endpoint(proc.address, proc.process.pid, f"127.0.0.1:{port}")
         yield endpoints

@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from services.common import interrupts
 from services.common.errors import (
     DomainError,
     Internal,
@@ -203,7 +204,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     await self._check_caller(context)
                 await _drive(inner(request, context), context)
             except BaseException as exc:
-                code, error = _classify(exc, method, context)
+                # Ended from outside with a status (services/common/interrupts.py),
+                # e.g. a stream stuck writing to a client that stopped reading.
+                why = interrupts.take(asyncio.current_task())
+                code, error = _classify(why or exc, method, context)
                 if error is None:
                     raise
                 await _abort(context, error)

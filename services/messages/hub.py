@@ -39,7 +39,7 @@ from uuid import UUID
 import asyncpg
 from prometheus_client import Counter, Gauge
 
-from services.common import channels
+from services.common import channels, interrupts
 from services.common.errors import (
     DomainError,
     FailedPrecondition,
@@ -116,6 +116,9 @@ class Subscription:
         # is offered here. Set once, when the feed knows its position.
         self.start_seq: int | None = None
         self.started = asyncio.get_running_loop().create_future()
+        # The RPC this subscription serves: ended from here when the subscription
+        # ends, even while it is stuck writing to a client that does not read.
+        self._rpc = asyncio.current_task()
 
     @property
     def ended(self) -> bool:
@@ -156,6 +159,8 @@ class Subscription:
         if not self.started.done():
             self.started.set_exception(error)
             self.started.exception()  # retrieved: nobody may be waiting yet
+        if self._rpc is not None and self._rpc is not asyncio.current_task():
+            interrupts.interrupt(self._rpc, error)
 
     async def next(self) -> StreamEvent:
         while True:

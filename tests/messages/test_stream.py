@@ -216,6 +216,13 @@ async def test_slow_consumer_is_cut_off_not_buffered(
         await until_caught_up(stream)
         for i in range(40):
             await send(messages, room, f"{i} " + "x" * 9_000)
+        # The server ends the call at once, although it is stuck writing to a
+        # client that does not read: no open-stream slot stays taken.
+        for _ in range(3000):  # bounded wait
+            if server.hub.open_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.hub.open_count == 0
         received = 0
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             while True:

@@ -147,6 +147,7 @@ class Stream:
     kinds: Counter[str] = field(default_factory=Counter)
     updated: set[str] = field(default_factory=set)  # to explain a miss, not to count as seen
     stopping: bool = False
+    boundary: str | None = None  # the thread's newest message when the stream went live
 
 
 def clients_for(addresses: Mapping[str, Endpoint]) -> Clients:
@@ -166,7 +167,7 @@ async def close(clients: Clients) -> None:
 
 
 async def read_stream(stream: Stream, outcomes: Outcomes) -> None:
-    # read(), not `async for`: open_live_stream already read the first event that way.
+    # read(), not `async for`: open_live_stream already read caught_up that way.
     try:
         while (event := await stream.call.read()) is not grpc.aio.EOF:
             assert isinstance(event, messages_pb2.StreamThreadMessagesResponse)
@@ -311,9 +312,10 @@ async def history(clients: Clients, thread_id: str) -> list[messages_pb2.Message
 
 
 def expected_ids(stream: Stream, newest_first: list[str]) -> list[str]:
-    """Ids created after the stream opened: down to its first event (the live marker)."""
-    first = stream.created[0]
-    return newest_first[: newest_first.index(first) + 1] if first in newest_first else [first]
+    """Ids created after the stream's caught_up: newer than the boundary it saw."""
+    if stream.boundary is None or stream.boundary not in newest_first:
+        return newest_first
+    return newest_first[: newest_first.index(stream.boundary)]
 
 
 async def scrape(host_port: str) -> dict[str, float]:
@@ -422,19 +424,18 @@ async def run_soak(
         )
         threads.append(reply.thread.id)
 
-    # Streams open one at a time (the live marker must be the next event of each).
+    # Streams open one at a time, each live after its caught_up; nothing writes yet,
+    # so every message newer than the thread's newest at that moment is expected.
     stream_clients = [clients_for(addresses) for _ in threads]
     open_streams: list[Stream] = []
     for i in range(streams):
         thread, via = threads[i % THREADS], stream_clients[i % THREADS]
-        call = await open_live_stream(
-            via.messages, setup.messages, thread, reader=users[i % len(users)], writer=active[0]
-        )
-        # Its first event was the newest message (the live marker): nothing else writes yet.
+        call = await open_live_stream(via.messages, thread, reader=users[i % len(users)])
         newest = await setup.messages.ListMessages(
             messages_pb2.ListMessagesRequest(thread_id=thread, page_size=1)
         )
-        open_streams.append(Stream(thread, call, [newest.messages[0].id]))
+        boundary = newest.messages[0].id if newest.messages else None
+        open_streams.append(Stream(thread, call, [], boundary=boundary))
     readers = [asyncio.create_task(read_stream(s, outcomes)) for s in open_streams]
 
     started = time.monotonic()

@@ -111,10 +111,27 @@ async def _run_hooks(hooks: list[ShutdownHook]) -> None:
             log.exception("shutdown hook failed")
 
 
+# Calls gRPC core has accepted that the Python server has not picked up yet.
+# grpc.aio picks calls up one at a time on the event loop, so a burst of opens
+# (thousands of streams at once) queues here. Past core's defaults (1,000
+# queued; then a growing random share of new calls, all of them from 3,000)
+# new calls are refused before any handler sees them: the client gets a bare
+# CANCELLED, a code no resume rule covers, and the service never logs the
+# call (issue 13: ~650 of 3,000 streams opened at once). Set far above
+# the service's own limits (e.g. STREAM_MAX_OPEN, answered RESOURCE_EXHAUSTED
+# with a RetryInfo), and soft = hard: no random early rejection below it.
+# Queued calls cost core memory (their headers and stream state), which is why
+# core bounds them; a call still queued after 30 s is cancelled by core anyway
+# (grpc.server_max_unrequested_time_in_server), whatever this limit.
+MAX_PENDING_CALLS = 100_000
+
+
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
 
 

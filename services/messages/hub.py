@@ -323,6 +323,13 @@ class StreamHub:
                         sub.end(Unavailable("the database is unavailable; retry with backoff"))
                 await asyncio.sleep(_jittered(delay))
                 delay = min(delay * 2, self._settings.listener_retry_max_s)
+            except Exception:
+                # A bug, not an outage: say so loudly, and end this feed's streams with
+                # a status clients resume from rather than leave them waiting.
+                log.exception("fetching events of thread %s failed unexpectedly", feed.thread_id)
+                for sub in list(feed.subscribers):
+                    sub.end(Unavailable("live delivery failed; resume from your cursor"))
+                return
 
     async def _fetch(self, feed: _Feed) -> None:
         """New events once for every subscriber; then who may still read them."""
@@ -344,23 +351,35 @@ class StreamHub:
                     users = {s.user_id for s in pending if s.user_id is not None}
                     access = await store.stream_access(conn, feed.thread_id, list(users))
                     checked.update(dict.fromkeys(pending, access))
-            if feed.position is None:
-                last = min((a.last_seq for a in checked.values() if a is not None), default=0)
-                feed.position = last
-            converted = [stream_event(event) for event in batch.events]
-            for sub in list(feed.subscribers):
-                error = access_error(feed.thread_id, sub.user_id, checked[sub])
-                if error is not None:
-                    sub.end(error)
-                    continue
-                sub._start(feed.position)
-                for event in converted:
-                    if event.position > sub.start_seq:  # type: ignore[operator]
-                        sub.offer(event)
-            if batch.events:
-                feed.position = batch.events[-1].position
+                # Still inside the block: releasing the connection awaits, and a
+                # subscriber joining then must not be served unchecked.
+                self._distribute(feed, batch, checked)
             if batch.complete:
                 return
+
+    def _distribute(
+        self,
+        feed: _Feed,
+        batch: store.EventBatch,
+        checked: dict[Subscription, store.StreamAccess | None],
+    ) -> None:
+        """Offer `batch` to every checked subscriber; end those who lost access.
+
+        Synchronous on purpose: every subscriber of the feed was checked."""
+        if feed.position is None:
+            feed.position = min((a.last_seq for a in checked.values() if a is not None), default=0)
+        converted = [stream_event(event) for event in batch.events]
+        for sub in list(feed.subscribers):
+            error = access_error(feed.thread_id, sub.user_id, checked[sub])
+            if error is not None:
+                sub.end(error)
+                continue
+            sub._start(feed.position)
+            for event in converted:
+                if event.position > sub.start_seq:  # type: ignore[operator]
+                    sub.offer(event)
+        if batch.events:
+            feed.position = batch.events[-1].position
 
     def _check_threads(self, thread_ids: Iterable[UUID]) -> None:
         for thread_id in thread_ids:

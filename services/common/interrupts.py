@@ -15,9 +15,7 @@ import weakref
 
 from services.common.errors import DomainError
 
-_WHY: weakref.WeakKeyDictionary[asyncio.Task[object], DomainError] = (
-    weakref.WeakKeyDictionary()
-)
+_WHY: weakref.WeakKeyDictionary[asyncio.Task[object], DomainError] = weakref.WeakKeyDictionary()
 
 
 def interrupt(task: asyncio.Task[object], error: DomainError) -> None:

@@ -22,6 +22,12 @@ ANSWER_SQL = named("probe.answer", "SELECT 40 + 2")
 SECRET = "postgres://admin:hunter2@db.internal/prod"
 
 
+def _transaction_exit_on_a_closed_connection() -> None:
+    raise asyncpg.InterfaceError(
+        "cannot call Transaction.__aexit__(): the underlying connection is closed"
+    )
+
+
 async def _probe(request: bytes, context: Context) -> bytes:
     """One test method whose request says how to behave."""
     if request == b"ok":
@@ -34,6 +40,13 @@ async def _probe(request: bytes, context: Context) -> bytes:
         raise RuntimeError(f"connection string {SECRET}")
     if request == b"db-down":
         raise ConnectionRefusedError("connect call failed")
+    if request == b"db-lost-in-transaction":
+        # What asyncpg raises when the connection dies inside `conn.transaction()`:
+        # the transaction's exit fails while the connection error propagates.
+        try:
+            raise ConnectionResetError("Connection reset by peer")
+        except ConnectionResetError:
+            _transaction_exit_on_a_closed_connection()
     if request == b"whoami":
         caller = caller_of(context)
         return str(caller.user_id or "trusted").encode()

@@ -269,8 +269,9 @@ def _classify(
         return exc.code, exc
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, Unimplemented(f"{method} is not implemented")
-    if isinstance(exc, CONNECTION_ERRORS):
-        log.warning("database unavailable during %s: %s: %s", method, type(exc).__name__, exc)
+    lost = _connection_error_in(exc)
+    if lost is not None:
+        log.warning("database unavailable during %s: %s: %s", method, type(lost).__name__, lost)
         return grpc.StatusCode.UNAVAILABLE, Unavailable(
             "the database is unavailable; retry with backoff"
         )
@@ -278,6 +279,24 @@ def _classify(
         log.error("unexpected error in %s", method, exc_info=exc)
         return grpc.StatusCode.INTERNAL, Internal()
     return grpc.StatusCode.UNKNOWN, None
+
+
+def _connection_error_in(exc: BaseException) -> BaseException | None:
+    """`exc` if it is a lost database connection, or the one it was raised while handling.
+
+    A connection that dies inside `async with conn.transaction()` surfaces as the
+    transaction's own InterfaceError ("cannot call Transaction.__aexit__(): the
+    underlying connection is closed"), raised while the connection error that
+    caused it propagated: an outage all the same, not a bug.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, CONNECTION_ERRORS):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 async def _abort(context: Context, error: DomainError) -> None:

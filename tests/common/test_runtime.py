@@ -70,6 +70,16 @@ async def test_database_outage_is_unavailable(probe: grpc.aio.Channel) -> None:
     assert error_info(caught.value).reason == "DATABASE_UNAVAILABLE"
 
 
+async def test_connection_lost_inside_a_transaction_is_unavailable(
+    probe: grpc.aio.Channel,
+) -> None:
+    # asyncpg replaces the connection error with the transaction's InterfaceError.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"db-lost-in-transaction")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "DATABASE_UNAVAILABLE"
+
+
 async def test_stream_errors_are_mapped_after_items(probe: grpc.aio.Channel) -> None:
     method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = probe.unary_stream(
         "/test.Probe/Stream"

@@ -182,6 +182,9 @@ class _Feed:
         self.position: int | None = None  # last position fetched (None: not yet known)
         self.subscribers: set[Subscription] = set()
         self.dirty = True  # something may have changed since the last fetch
+        # Re-check every subscriber's access on the next fetch even without new
+        # events (a membership change, or notifications may have been lost).
+        self.recheck = False
         self.task: asyncio.Task[None] | None = None
 
 
@@ -334,6 +337,7 @@ class StreamHub:
     async def _fetch(self, feed: _Feed) -> None:
         """New events once for every subscriber; then who may still read them."""
         while True:
+            recheck, feed.recheck = feed.recheck, False
             batch = store.EventBatch([], complete=True)
             async with self._pool.acquire() as conn:
                 if feed.position is not None:
@@ -346,8 +350,16 @@ class StreamHub:
                     )
                 # Access after events: see the module docstring. Subscribers that
                 # join while a check is in flight are checked in another round.
+                # Whoever receives events is checked; with none to deliver, only
+                # newcomers are (unless a re-check was asked for): admitting N
+                # streams one by one stays linear.
+                everyone = recheck or bool(batch.events)
                 checked: dict[Subscription, store.StreamAccess | None] = {}
-                while pending := [s for s in feed.subscribers if s not in checked]:
+                while pending := [
+                    s
+                    for s in feed.subscribers
+                    if s not in checked and (everyone or s.start_seq is None)
+                ]:
                     users = {s.user_id for s in pending if s.user_id is not None}
                     access = await store.stream_access(conn, feed.thread_id, list(users))
                     checked.update(dict.fromkeys(pending, access))
@@ -370,6 +382,8 @@ class StreamHub:
             feed.position = min((a.last_seq for a in checked.values() if a is not None), default=0)
         converted = [stream_event(event) for event in batch.events]
         for sub in list(feed.subscribers):
+            if sub not in checked:
+                continue  # started, nothing new for it, not asked to re-check
             error = access_error(feed.thread_id, sub.user_id, checked[sub])
             if error is not None:
                 sub.end(error)
@@ -381,10 +395,11 @@ class StreamHub:
         if batch.events:
             feed.position = batch.events[-1].position
 
-    def _check_threads(self, thread_ids: Iterable[UUID]) -> None:
+    def _check_threads(self, thread_ids: Iterable[UUID], *, recheck: bool = False) -> None:
         for thread_id in thread_ids:
             feed = self._feeds.get(thread_id)
             if feed is not None:
+                feed.recheck = feed.recheck or recheck
                 self._kick(feed)
 
     # -- notifications -------------------------------------------------------
@@ -423,12 +438,15 @@ class StreamHub:
             log.warning("ignoring malformed membership notification %r", payload)
             return
         if thread_id is not None:
-            self._check_threads((thread_id,))
+            self._check_threads((thread_id,), recheck=True)
         elif user_id is not None:  # deactivated or deleted: every feed that user reads
             self._check_threads(
-                feed.thread_id
-                for feed in list(self._feeds.values())
-                if any(sub.user_id == user_id for sub in feed.subscribers)
+                (
+                    feed.thread_id
+                    for feed in list(self._feeds.values())
+                    if any(sub.user_id == user_id for sub in feed.subscribers)
+                ),
+                recheck=True,
             )
 
     async def _heartbeat(self) -> None:
@@ -465,7 +483,7 @@ class StreamHub:
                     delay = min(delay * 2, self._settings.listener_retry_max_s)
             LISTENER_RECONNECTS.inc()
             log.info("listening again; re-checking %d thread feed(s)", len(self._feeds))
-            self._check_threads(list(self._feeds))
+            self._check_threads(list(self._feeds), recheck=True)
 
 
 def _jittered(delay: float) -> float:

@@ -51,7 +51,7 @@ LISTENER_APPLICATION = "chat-messages-listener"  # services/messages/hub.py
 # which then waits its full timeout; the first reconnect waits at most
 # STREAM_LISTENER_RETRY; the catch-up fetch follows. 5 + 5 + 1 = 11 s, and the
 # rest is slack for a loaded machine.
-_DEFAULTS = MessagesSettings()
+_DEFAULTS = MessagesSettings.model_construct()  # the defaults, whatever the shell sets
 EXPECTED_BOUND_S = (
     _DEFAULTS.listener_heartbeat_s
     + _DEFAULTS.listener_heartbeat_timeout_s

@@ -43,7 +43,7 @@ from tests.processes import ServiceProcess, start_service_process
 from tests.rpc_errors import as_user, error_info
 
 MIB = 1024 * 1024
-LIMITS = MessagesSettings()  # the defaults `make run` uses
+LIMITS = MessagesSettings.model_construct()  # the defaults `make run` uses, not the shell
 GRPC_MAX_REQUEST = 4 * MIB  # GRPC_MAX_RECEIVE_MESSAGE_BYTES default
 WIDE = "\U0001f600"  # a 4-byte UTF-8 character
 

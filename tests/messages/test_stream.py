@@ -201,6 +201,8 @@ async def test_delivery_across_two_server_processes(
 async def test_slow_consumer_is_cut_off_not_buffered(
     room: Room, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The buffer is the thing under test (a small one fills fast); its twin with the
+    # defaults is tests/reliability/test_stream_memory.py's stopped reader.
     monkeypatch.setenv("STREAM_BUFFER_EVENTS", "4")
     settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
     # A reader with a small, fixed flow-control window: once it stops reading, the

@@ -30,18 +30,29 @@ def encode_cursor(thread_id: UUID, position: int) -> str:
     return _prefix(thread_id) + tail
 
 
+# Positions are PostgreSQL bigints.
+MAX_POSITION = 2**63 - 1
+
+
 def decode_cursor(cursor: str, thread_id: UUID, field: str = "after") -> int:
-    """The position in `cursor`; it must come from this thread."""
+    """The position in `cursor`; it must come from this thread.
+
+    Only the exact spelling this API hands out is accepted (it is re-encoded and
+    compared), so no two strings name one position and no out-of-range number
+    reaches the database.
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         tag, thread, position = raw.split(":")
-        if tag != "c":
-            raise ValueError(tag)
+        if tag != "c" or not (position.isascii() and position.isdigit()):
+            raise ValueError(raw)
+        value = int(position)
+        if value > MAX_POSITION:
+            raise ValueError(raw)
         if UUID(thread) != thread_id:
             raise InvalidArgument.field(field, "is a cursor of another thread")
-        value = int(position)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise InvalidArgument.field(field, "is not a cursor from this API") from None
-    if value < 0:
+    if encode_cursor(thread_id, value) != cursor:
         raise InvalidArgument.field(field, "is not a cursor from this API")
     return value

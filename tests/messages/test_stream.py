@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from services.messages.service import DEFINITION
 from tests.conftest import running
 from tests.messages.conftest import MessagesServer, Room
 from tests.processes import start_service_process
-from tests.rpc_errors import as_user
+from tests.rpc_errors import as_user, violated_fields
 
 if TYPE_CHECKING:
     from tests.messages.conftest import Stub
@@ -155,6 +156,29 @@ async def test_a_message_edited_before_the_replay_still_arrives_as_created(
     resumed.cancel()
 
 
+def forged_cursors(thread_id: str) -> list[str]:
+    """Cursors this API never hands out: other spellings, out of range, garbage."""
+
+    def raw(text: str, pad: str = "") -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=") + pad
+
+    return [
+        "garbage!",
+        "YWJj",
+        raw(f"c:{thread_id}:{2**63}"),  # past bigint
+        raw(f"c:{thread_id}:{10**30}"),
+        raw(f"c:{thread_id}:-1"),
+        raw(f"c:{thread_id}: 3 "),
+        raw(f"c:{thread_id}:+2"),
+        raw(f"c:{thread_id}:\u0663"),  # ARABIC-INDIC DIGIT THREE
+        raw(f"c:{thread_id}:1_0"),
+        raw(f"c:{thread_id.upper()}:1"),
+        raw(f"c:{thread_id}:1", pad="=="),
+        raw(f"c:{uuid.uuid4()}:1"),  # another thread's
+        raw(f"x:{thread_id}:1"),
+    ]
+
+
 async def test_live_only_stream_and_cursor_validation(server: MessagesServer, room: Room) -> None:
     messages = server.stub
     await send(messages, room, "before the stream")
@@ -165,11 +189,16 @@ async def test_live_only_stream_and_cursor_validation(server: MessagesServer, ro
     [event] = await read(stream, 1)
     assert event.created.id == fresh.id
     stream.cancel()
-    for after in ("garbage!", messages_pb2.Message().cursor or "YWJj"):
-        bad = open_stream(messages, room, after=after)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await bad.read()
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for after in forged_cursors(room.thread_id):
+        for user in (room.owner, None):  # a participant, and a trusted caller
+            bad = messages.StreamThreadMessages(
+                messages_pb2.StreamThreadMessagesRequest(thread_id=room.thread_id, after=after),
+                metadata=as_user(user) if user else (),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await bad.read()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, after
+            assert violated_fields(caught.value) == {"after"}
     outsider = open_stream(messages, room, user=room.outsider)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await outsider.read()

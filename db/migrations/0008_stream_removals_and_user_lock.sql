@@ -100,10 +100,12 @@ DECLARE
     v_existing uuid;
     v_id uuid;
     v_outcome text;
+    v_sender_exists boolean;
 BEGIN
     -- A deletion of the sender (chat_forget_user_messages) waits for this send,
     -- or this send waits for it and is then refused as 'inactive'.
     PERFORM 1 FROM users u WHERE u.id = p_user_id FOR KEY SHARE;
+    v_sender_exists := FOUND;
     -- Every send to a thread serialises here: positions and created_at follow
     -- commit order, and a racing retry waits for the original to commit.
     SELECT t.is_archived INTO v_archived FROM threads t WHERE t.id = p_thread_id FOR UPDATE;
@@ -120,6 +122,9 @@ BEGIN
             v_outcome := 'duplicate';
             v_id := v_existing;
         END IF;
+    END IF;
+    IF v_outcome IS NULL AND NOT v_sender_exists THEN
+        v_outcome := 'inactive';  -- deleted, maybe while this send waited for its row
     END IF;
     IF v_outcome IS NULL THEN
         v_outcome := chat_send_refusal(p_thread_id, p_user_id, p_parent_id, v_archived);

@@ -63,16 +63,26 @@ async def _thread_access(
 
 
 async def _message_access(
-    conn: DbConnection, caller: Caller, message_id: UUID
+    conn: DbConnection, caller: Caller, message_id: UUID, *, to_change: bool = False
 ) -> tuple[store.MessageRow, str | None]:
-    """The message and the caller's role in its thread; NOT_FOUND for outsiders."""
+    """The message and the caller's role in its thread; NOT_FOUND for outsiders.
+
+    `to_change`: an archived thread is read-only (no edits or attachments, as no
+    sends); deleting stays possible, for moderation.
+    """
     message = await store.get_message(conn, message_id)
     if message is None:
         raise NotFound("message", str(message_id))
     try:
-        _, role = await _thread_access(conn, caller, message.thread_id)
+        archived, role = await _thread_access(conn, caller, message.thread_id)
     except NotFound:
         raise NotFound("message", str(message_id)) from None
+    if to_change and archived:
+        raise FailedPrecondition(
+            "the thread is archived",
+            reason="THREAD_ARCHIVED",
+            subject=f"thread/{message.thread_id}",
+        )
     return message, role
 
 
@@ -245,7 +255,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():
-            message, _ = await _message_access(conn, caller, message_id)
+            message, _ = await _message_access(conn, caller, message_id, to_change=True)
             if not caller.trusted and not caller.is_user(message.user_id):
                 raise PermissionDenied("only the author edits a message")
             edited = None
@@ -288,7 +298,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():
-            message, _ = await _message_access(conn, caller, message_id)
+            message, _ = await _message_access(conn, caller, message_id, to_change=True)
             if not caller.trusted and not caller.is_user(message.user_id):
                 raise PermissionDenied("only the author adds attachments")
             if message.status == "deleted":

@@ -11,7 +11,7 @@ import asyncio
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -320,6 +320,7 @@ async def test_a_change_racing_the_open_is_never_missed(
 async def test_archiving_ends_streams_and_history_stays_readable(
     server: MessagesServer, room: Room, threads_stub: ThreadsStub
 ) -> None:
+    kept = await send(server.stub, room, "before the archive", user=room.member)
     stream = open_stream(server.stub, room, user=room.member)
     await until_caught_up(stream)
     await threads_stub.UpdateThread(
@@ -337,7 +338,33 @@ async def test_archiving_ends_streams_and_history_stays_readable(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await asyncio.wait_for(reopened.read(), timeout=ENDED_IN_S)
     assert error_info(caught.value).reason == "THREAD_ARCHIVED"
-    await history(server, room)  # still readable
+    assert kept.id in await history(server, room)  # still readable
+    # Read-only as for sends: no edits, no attachments; deleting stays possible.
+    changes: list[Awaitable[object]] = [
+        server.stub.UpdateMessage(
+            messages_pb2.UpdateMessageRequest(
+                message=messages_pb2.Message(id=kept.id, content="edited while archived"),
+                update_mask={"paths": ["content"]},  # type: ignore[arg-type]
+            ),
+            metadata=as_user(room.member),
+        ),
+        server.stub.AddAttachment(
+            messages_pb2.AddAttachmentRequest(
+                message_id=kept.id,
+                attachment=messages_pb2.Attachment(
+                    url="https://x.io/a", type="image/png", name="a.png", size=1
+                ),
+            ),
+            metadata=as_user(room.member),
+        ),
+    ]
+    for change in changes:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await change
+        assert error_info(caught.value).reason == "THREAD_ARCHIVED"
+    await server.stub.DeleteMessage(
+        messages_pb2.DeleteMessageRequest(id=kept.id), metadata=as_user(room.member)
+    )
 
 
 async def test_db_archive_ends_streams_and_restore_keeps_cursors(
@@ -498,3 +525,39 @@ async def test_a_failing_fetch_of_one_thread_does_not_stall_the_others(
     assert event.created.id == sent_a.id
     stream_a.cancel()
     stream_b.cancel()
+
+
+async def test_sends_racing_the_senders_deletion_are_refused_as_such(
+    server: MessagesServer, db_pool: asyncpg.Pool, users_stub: UsersStub
+) -> None:
+    """20 rounds of 10 sends by V while V is deleted: each send either lands (and is
+    then removed with V) or is refused for V's account, never NOT_FOUND or INTERNAL."""
+    from collections import Counter
+
+    from tests.messages.conftest import new_room
+
+    outcomes: Counter[str] = Counter()
+    for _ in range(20):
+        room = await new_room(db_pool)
+        leaver = room.member
+
+        async def send_as_leaver(i: int, room: Room = room, leaver: str = leaver) -> None:
+            try:
+                await send(server.stub, room, f"racing {i}", user=leaver)
+                outcomes["OK"] += 1
+            except grpc.aio.AioRpcError as err:
+                outcomes[f"{err.code().name}:{error_info(err).reason}"] += 1
+
+        await asyncio.gather(
+            *(send_as_leaver(i) for i in range(10)),
+            users_stub.DeleteUser(users_pb2.DeleteUserRequest(id=leaver)),
+        )
+        left = await db_pool.fetchval(
+            "SELECT count(*) FROM messages WHERE user_id = $1", uuid.UUID(leaver)
+        )
+        assert left == 0
+    assert set(outcomes) <= {
+        "OK",
+        "PERMISSION_DENIED:USER_UNKNOWN",
+        "FAILED_PRECONDITION:USER_INACTIVE",
+    }, outcomes

@@ -99,7 +99,7 @@ def access_error(
 
 
 class Subscription:
-    """One open stream's buffer, bounded in events and in bytes (None marks the end)."""
+    """One open stream's buffer, bounded in events and in bytes, and how it ended."""
 
     def __init__(
         self, thread_id: UUID, user_id: UUID | None, max_events: int, max_bytes: int
@@ -133,7 +133,8 @@ class Subscription:
     def offer(self, event: StreamEvent) -> None:
         if self._error is not None:
             return
-        if len(self._events) >= self._max_events or self._bytes + event.size > self._max_bytes:
+        over_bytes = bool(self._events) and self._bytes + event.size > self._max_bytes
+        if len(self._events) >= self._max_events or over_bytes:  # one event always fits
             DROPPED.inc(len(self._events) + 1)
             self.end(
                 ResourceExhausted(

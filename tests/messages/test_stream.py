@@ -348,3 +348,40 @@ async def test_graceful_stop_ends_streams_with_a_status_to_resume_from(
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "resume from your cursor" in (caught.value.details() or "")
         await stopping
+
+
+async def test_an_event_larger_than_the_byte_buffer_still_flows(
+    room: Room, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The byte bound never starves a stream: one event always fits an empty buffer."""
+    monkeypatch.setenv("STREAM_BUFFER_BYTES", str(64 * 1024))  # the bound under test
+    settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
+    async with running(DEFINITION, settings) as (_, channel):
+        messages = messages_pb2_grpc.MessagesServiceStub(channel)
+        stream = open_stream(messages, room)
+        await until_caught_up(stream)
+        big = "\U0001f600" * 10_000  # 40,000 bytes
+        blob = {"k": "x" * 16_000}
+        reply = await messages.SendMessage(
+            messages_pb2.SendMessageRequest(
+                thread_id=room.thread_id,
+                user_id=room.member,
+                content=big,
+                metadata=blob,  # type: ignore[arg-type]
+                attachments=[
+                    messages_pb2.Attachment(
+                        url="https://x.io/a",
+                        type="t",
+                        name="n",
+                        size=1,
+                        metadata=blob,  # type: ignore[arg-type]
+                    )
+                    for _ in range(2)
+                ],
+            ),
+            metadata=as_user(room.member),
+        )
+        [event] = await read(stream, 1)
+        assert event.ByteSize() > 64 * 1024
+        assert event.created.id == reply.message.id
+        stream.cancel()

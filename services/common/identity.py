@@ -34,19 +34,33 @@ class Caller:
         return self.user_id == user_id
 
 
-def metadata_value(context: Context, key: str) -> str | None:
-    for item_key, value in context.invocation_metadata() or ():
-        if item_key == key:
-            return value if isinstance(value, str) else value.decode()
-    return None
+def metadata_values(context: Context, key: str) -> list[str]:
+    """Every value sent for `key` (a header may be repeated)."""
+    return [
+        value if isinstance(value, str) else value.decode()
+        for item_key, value in context.invocation_metadata() or ()
+        if item_key == key
+    ]
 
 
 def caller_of(context: Context) -> Caller:
-    raw = metadata_value(context, USER_ID_HEADER)
-    if raw is None or raw == "":
+    """Who the call acts for; an ambiguous identity is refused, never read as trusted.
+
+    No header: a trusted call. An empty header, or the header twice (even with one
+    value), is INVALID_ARGUMENT naming it: a proxy that blanks or appends the
+    header must not turn a user's call into a trusted one, or pick one of two.
+    """
+    values = metadata_values(context, USER_ID_HEADER)
+    if not values:
         return Caller(user_id=None)
+    if len(values) > 1:
+        raise InvalidArgument.field(USER_ID_HEADER, "must be sent at most once")
+    if values[0] == "":
+        raise InvalidArgument.field(
+            USER_ID_HEADER, "must be a user's UUID (omit it for a trusted call)"
+        )
     try:
-        return Caller(user_id=UUID(raw))
+        return Caller(user_id=UUID(values[0]))
     except ValueError:
         raise InvalidArgument.field(USER_ID_HEADER, "must be a UUID") from None
 

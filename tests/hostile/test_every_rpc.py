@@ -222,3 +222,34 @@ def test_descriptor_is_complete() -> None:
         for m in service.methods
     }
     assert declared <= {m.full_name for _, m in METHODS}
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [
+        [("x-user-id", "")],
+        [("x-user-id", "00000000-0000-0000-0000-000000000001")] * 2,
+        [
+            ("x-user-id", "00000000-0000-0000-0000-000000000001"),
+            ("x-user-id", "00000000-0000-0000-0000-000000000002"),
+        ],
+    ],
+    ids=["empty", "repeated", "two-users"],
+)
+async def test_an_ambiguous_identity_is_invalid_argument_on_every_rpc(
+    identity: list[tuple[str, str]], channels: dict[str, Any], db_pool: asyncpg.Pool
+) -> None:
+    """Never read as a trusted call, never one of two users: refused, naming the header."""
+    before = await _counts(db_pool)
+    for definition, method in METHODS:
+        path = f"/{method.containing_service.full_name}/{method.name}"
+        channel = channels[definition.name]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if method.server_streaming:
+                stream = channel.unary_stream(path)(b"", metadata=identity, timeout=10)
+                await stream.read()
+            else:
+                await channel.unary_unary(path)(b"", metadata=identity, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, caught.value)
+        assert violated_fields(caught.value) == {"x-user-id"}, path
+    assert await _counts(db_pool) == before

@@ -16,18 +16,20 @@ PROFILE_IMAGE_MAX = 255
 BATCH_GET_MAX = 1000
 QUERY_MAX = 100
 
-USERNAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Matched with fullmatch: `$` would also match before a final newline, so
+# "victim\n" would register beside "victim".
+USERNAME = re.compile(r"[A-Za-z0-9_.-]+")
 # local@domain with at least one dot in the domain, DNS labels, no whitespace.
 EMAIL = re.compile(
-    r"^[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+    r"[^@\s]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
 )
 
 
 def check_email(violations: Violations, value: str, field: str = "user.email") -> None:
     if not value:
         violations.add(field, "is required")
-    elif violations.check_length(value, field, max_len=EMAIL_MAX) and not EMAIL.match(value):
+    elif violations.check_length(value, field, max_len=EMAIL_MAX) and not EMAIL.fullmatch(value):
         violations.add(field, "must be an email address like name@example.com")
 
 
@@ -36,7 +38,7 @@ def check_username(violations: Violations, value: str, field: str = "user.userna
         violations.add(field, "is required")
     elif violations.check_length(
         value, field, min_len=USERNAME_MIN, max_len=USERNAME_MAX
-    ) and not USERNAME.match(value):
+    ) and not USERNAME.fullmatch(value):
         violations.add(field, "may contain only letters, digits, '_', '.' and '-'")
 
 

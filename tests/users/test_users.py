@@ -63,6 +63,9 @@ async def test_create_get_and_lookup(users: Stub) -> None:
         (users_pb2.User(email="a@b.io", username="x" * 51), {"user.username"}),
         (users_pb2.User(email="a@b.io", username="has space"), {"user.username"}),
         (users_pb2.User(email="a@b.io", username="nul\x00name"), {"user.username"}),
+        # A final newline: `$` alone would match before it (victim\n beside victim).
+        (users_pb2.User(email="a@b.io", username="victim\n"), {"user.username"}),
+        (users_pb2.User(email="a@b.io\n", username="victim"), {"user.email"}),
         (users_pb2.User(email=("e" * 250) + "@b.io", username="okname"), {"user.email"}),
         (
             users_pb2.User(email="a@b.io", username="okname", first_name="f" * 101),

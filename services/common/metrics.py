@@ -80,16 +80,17 @@ class PoolCollector(Collector):
 class MetricsEndpoint:
     """The /metrics HTTP endpoint of one service process, and its pool collector."""
 
-    def __init__(self, port: int, pool: asyncpg.Pool) -> None:
+    def __init__(self, port: int, pool: asyncpg.Pool, host: str = "::") -> None:
         self._collector = PoolCollector(pool)
         REGISTRY.register(self._collector)
         try:
-            self._server, self._thread = start_http_server(port)
+            self._server, self._thread = start_http_server(port, addr=host)
         except BaseException:
             REGISTRY.unregister(self._collector)
             raise
         self.port = self._server.server_port
-        log.info("metrics on http://0.0.0.0:%d/metrics", self.port)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("metrics on http://%s:%d/metrics", shown, self.port)
 
     def close(self) -> None:
         self._server.shutdown()

@@ -204,7 +204,7 @@ async def start_service(
     metrics_port = settings.metrics_port_for(definition.name)
     if metrics_port:
         try:
-            running.metrics = MetricsEndpoint(metrics_port, pool)
+            running.metrics = MetricsEndpoint(metrics_port, pool, settings.metrics_bind_host())
         except OSError as exc:
             # Serving traffic matters more than exposing metrics: say so loudly, go on.
             log.error("metrics endpoint not started on port %d: %s", metrics_port, exc)

@@ -102,6 +102,14 @@ class ServiceSettings(DatabaseSettings):
 
     # Prometheus /metrics port; unset = the service's default, 0 = off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535, alias="METRICS_PORT")
+    # Interface of /metrics; unset = the one gRPC binds (GRPC_HOST), so a service
+    # bound to loopback does not expose its metrics on every interface.
+    metrics_host: str | None = Field(default=None, alias="METRICS_HOST")
+
+    def metrics_bind_host(self) -> str:
+        """The address for the HTTP server: brackets of an IPv6 literal removed."""
+        host = self.metrics_host if self.metrics_host is not None else self.grpc_host
+        return host.removeprefix("[").removesuffix("]")
 
     def metrics_port_for(self, service: str) -> int:
         if self.metrics_port is not None:

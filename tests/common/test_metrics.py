@@ -43,3 +43,26 @@ async def test_rpc_query_and_pool_series(database_url: str) -> None:
     assert samples[query] >= 1
     assert samples[("chat_db_pool_connections", (("state", "max"),))] == 20
     assert samples[("chat_db_pool_waiting", ())] == 0
+
+
+async def test_metrics_bind_the_interface_grpc_binds(database_url: str) -> None:
+    """GRPC_HOST=127.0.0.1 keeps /metrics on loopback too (it used to be 0.0.0.0);
+    METRICS_HOST chooses another interface."""
+    import os
+
+    import psutil
+
+    for env, expected in (
+        ({"GRPC_HOST": "127.0.0.1"}, "127.0.0.1"),
+        ({"GRPC_HOST": "[::]", "METRICS_HOST": "127.0.0.1"}, "127.0.0.1"),
+        ({"GRPC_HOST": "[::1]"}, "::1"),
+    ):
+        port = _free_port()
+        settings = ServiceSettings(DATABASE_URL=database_url, METRICS_PORT=port, **env)  # type: ignore[arg-type]
+        async with running(PROBE, settings):
+            listening = {
+                c.laddr.ip
+                for c in psutil.Process(os.getpid()).net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            }
+        assert listening == {expected}, env

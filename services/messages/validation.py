@@ -31,10 +31,14 @@ def metadata_of(
     v: Violations, struct: struct_pb2.Struct, settings: MessagesSettings, field: str
 ) -> dict[str, Any] | None:
     """The metadata as a dict (None when empty), within the size limit."""
-    value = from_struct(struct)
+    try:
+        value = from_struct(struct)
+    except ValueError:  # NaN or ±Infinity: JSON (and jsonb) has no such numbers
+        v.add(field, "must hold only finite numbers (JSON has no NaN or Infinity)")
+        return None
     if not value:
         return None
-    encoded = json.dumps(value, separators=(",", ":"))
+    encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
     if len(encoded.encode()) > settings.max_metadata_bytes:
         v.add(field, f"must be at most {settings.max_metadata_bytes} bytes as JSON")
     elif "\\u0000" in encoded:

@@ -370,3 +370,38 @@ async def test_who_may_send(messages: Stub, room: Room, db_pool: asyncpg.Pool) -
         )
     )
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION  # trusted caller, not a participant
+
+
+async def test_non_finite_numbers_in_metadata_are_invalid_argument(
+    messages: Stub, room: Room, db_pool: asyncpg.Pool
+) -> None:
+    """JSON (and jsonb) has no NaN or Infinity: refused naming the field, never INTERNAL."""
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        metadata = struct_pb2.Struct()
+        metadata.update({"n": [1, {"deep": bad}]})
+        send = messages.SendMessage(
+            messages_pb2.SendMessageRequest(
+                thread_id=room.thread_id,
+                user_id=room.member,
+                content="x",
+                metadata=metadata,
+                attachments=[
+                    messages_pb2.Attachment(
+                        url="https://x.io/a", type="t", name="n", size=1, metadata=metadata
+                    )
+                ],
+            ),
+            metadata=as_user(room.member),
+        )
+        err = await error_of(send)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(err) == {"metadata", "attachments[0].metadata"}
+        search = messages.SearchMessages(
+            messages_pb2.SearchMessagesRequest(
+                thread_id=room.thread_id, metadata_contains=metadata
+            ),
+            metadata=as_user(room.member),
+        )
+        err = await error_of(search)
+        assert violated_fields(err) == {"metadata_contains"}
+    assert await db_pool.fetchval("SELECT count(*) FROM messages") == 0

@@ -24,10 +24,6 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     )
 
 
-def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
-    return value.ToDatetime(tzinfo=UTC)
-
-
 def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
     if value is None:
         return None

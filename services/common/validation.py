@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 from uuid import UUID
+
+from google.protobuf import timestamp_pb2
 
 from services.common.errors import FieldViolation, InvalidArgument
 
@@ -16,6 +19,23 @@ def parse_uuid(value: str, field: str) -> UUID:
         return UUID(value)
     except ValueError:
         raise InvalidArgument.field(field, "must be a UUID") from None
+
+
+# google.protobuf.Timestamp's own range: 0001-01-01 to 9999-12-31, nanos 0..999,999,999.
+TIMESTAMP_MIN_SECONDS = -62_135_596_800
+TIMESTAMP_MAX_SECONDS = 253_402_300_799
+
+
+def parse_timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """An aware datetime, or INVALID_ARGUMENT naming `field` when out of range."""
+    if not (
+        TIMESTAMP_MIN_SECONDS <= value.seconds <= TIMESTAMP_MAX_SECONDS
+        and 0 <= value.nanos <= 999_999_999
+    ):
+        raise InvalidArgument.field(
+            field, "must be a timestamp from 0001-01-01 to 9999-12-31 with nanos 0..999999999"
+        )
+    return value.ToDatetime(tzinfo=UTC)
 
 
 def parse_optional_uuid(value: str, field: str) -> UUID | None:

@@ -14,7 +14,6 @@ from uuid import UUID
 
 from chat.v1 import threads_pb2, threads_pb2_grpc
 
-from services.common.convert import from_timestamp
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,7 +25,7 @@ from services.common.identity import Caller, caller_of
 from services.common.pagination import decode_page_token, encode_page_token, page_size_of
 from services.common.server import Runtime
 from services.common.types import Context, DbConnection
-from services.common.validation import Violations, parse_uuid
+from services.common.validation import Violations, parse_timestamp, parse_uuid
 from services.threads import store
 from services.threads.convert import (
     ROLE_FROM_PROTO,
@@ -330,7 +329,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         user_id = parse_uuid(request.user_id, "user_id")
         _require_own(caller_of(context), user_id)
-        read_at = from_timestamp(request.read_at) if request.HasField("read_at") else None
+        read_at = (
+            parse_timestamp(request.read_at, "read_at") if request.HasField("read_at") else None
+        )
         async with self._pool.acquire() as conn:
             row = await store.mark_read(conn, thread_id, user_id, read_at)
         return threads_pb2.MarkReadResponse(participant=participant_to_proto(row))

@@ -223,3 +223,33 @@ async def test_inbox_page_work_is_bounded_whatever_the_backlog(
     assert totals == (60 * store.UNREAD_CAP, 60, True)
     totals_read = _messages_rows_read(json.loads(raw_totals)[0]["Plan"])
     assert totals_read <= 60 * (store.UNREAD_CAP + 1)
+
+
+@pytest.mark.parametrize(
+    "read_at",
+    [
+        timestamp_pb2.Timestamp(seconds=1, nanos=-5),
+        timestamp_pb2.Timestamp(seconds=1, nanos=1_000_000_000),
+        timestamp_pb2.Timestamp(seconds=253_402_300_800),  # 10000-01-01
+        timestamp_pb2.Timestamp(seconds=-62_135_596_801),  # before 0001-01-01
+        timestamp_pb2.Timestamp(seconds=2**62),
+    ],
+    ids=["negative-nanos", "nanos-overflow", "after-9999", "before-0001", "huge"],
+)
+async def test_mark_read_out_of_range_is_invalid_argument(
+    threads: Stub, db_pool: asyncpg.Pool, read_at: timestamp_pb2.Timestamp
+) -> None:
+    from tests.rpc_errors import error_of, violated_fields
+
+    me, other = await new_users(db_pool, 2)
+    created = await threads.GetOrCreateDirectThread(
+        threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[me, other])
+    )
+    err = await error_of(
+        threads.MarkRead(
+            threads_pb2.MarkReadRequest(thread_id=created.thread.id, user_id=me, read_at=read_at),
+            metadata=as_user(me),
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violated_fields(err) == {"read_at"}

@@ -12,7 +12,9 @@ import base64
 import binascii
 import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 from services.common.errors import InvalidArgument
 
@@ -51,7 +53,7 @@ def decode_page_token(token: str, kind: str, params: Any) -> list[Any] | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
         position = body["p"]
-        valid = body["k"] == kind and isinstance(position, list)
+        valid = body["k"] == kind and isinstance(position, list) and bool(position)
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
         valid = False
     if not valid:
@@ -61,3 +63,40 @@ def decode_page_token(token: str, kind: str, params: Any) -> list[Any] | None:
             "page_token", "was issued for a request with different parameters"
         )
     return list(position)
+
+
+def _bad_position() -> InvalidArgument:
+    return InvalidArgument.field("page_token", "is not a valid position")
+
+
+def time_id_position(position: list[Any]) -> tuple[datetime, UUID]:
+    """A (timestamp, id) keyset position, checked: the fingerprint is no secret, so a
+    hand-made token must fail here with INVALID_ARGUMENT, never in the database."""
+    try:
+        stamp, ident = position
+        if not (isinstance(stamp, str) and isinstance(ident, str)):
+            raise TypeError(position)
+        at = datetime.fromisoformat(stamp)
+        if at.tzinfo is None:
+            raise ValueError(stamp)
+        return at.astimezone(UTC), UUID(ident)
+    except (ValueError, TypeError, OverflowError):
+        raise _bad_position() from None
+
+
+def text_position(position: list[Any], *, max_len: int) -> str:
+    """A one-string keyset position (e.g. a username), checked like time_id_position."""
+    if len(position) != 1 or not isinstance(position[0], str):
+        raise _bad_position()
+    value: str = position[0]
+    if len(value) > max_len or "\x00" in value:
+        raise _bad_position()
+    return value
+
+
+def id_position(position: list[Any]) -> UUID:
+    """A one-UUID keyset position, checked like time_id_position."""
+    try:
+        return UUID(text_position(position, max_len=36))
+    except ValueError:
+        raise _bad_position() from None

@@ -24,7 +24,12 @@ from services.common.errors import (
 )
 from services.common.fieldmask import update_paths
 from services.common.identity import Caller, caller_of
-from services.common.pagination import decode_page_token, encode_page_token, page_size_of
+from services.common.pagination import (
+    decode_page_token,
+    encode_page_token,
+    page_size_of,
+    time_id_position,
+)
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
 from services.messages import store
@@ -88,12 +93,7 @@ async def _message_access(
 
 def _position(token: str, kind: str, params: dict[str, Any]) -> Position | None:
     position = decode_page_token(token, kind, params)
-    if position is None:
-        return None
-    try:
-        return datetime.fromisoformat(position[0]), UUID(position[1])
-    except (ValueError, TypeError, IndexError):
-        raise InvalidArgument.field("page_token", "is not a valid position") from None
+    return None if position is None else time_id_position(position)
 
 
 def _next_token(rows: list[store.MessageRow], size: int, kind: str, params: dict[str, Any]) -> str:

@@ -9,7 +9,6 @@ anyone may leave; the last owner cannot leave or be demoted without handing over
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from uuid import UUID
 
 from chat.v1 import threads_pb2, threads_pb2_grpc
@@ -22,7 +21,13 @@ from services.common.errors import (
 )
 from services.common.fieldmask import update_paths
 from services.common.identity import Caller, caller_of
-from services.common.pagination import decode_page_token, encode_page_token, page_size_of
+from services.common.pagination import (
+    decode_page_token,
+    encode_page_token,
+    id_position,
+    page_size_of,
+    time_id_position,
+)
 from services.common.server import Runtime
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_timestamp, parse_uuid
@@ -147,12 +152,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         _require_own(caller_of(context), user_id)
         params = {"user": str(user_id), "archived": request.include_archived}
         position = decode_page_token(request.page_token, "inbox", params)
-        after = None
-        if position:
-            try:
-                after = (datetime.fromisoformat(position[0]), UUID(position[1]))
-            except (ValueError, TypeError, IndexError):
-                raise InvalidArgument.field("page_token", "is not a valid position") from None
+        after = time_id_position(position) if position else None
         async with self._pool.acquire() as conn:
             rows = await store.inbox(
                 conn,
@@ -308,10 +308,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         size = page_size_of(request.page_size)
         params = {"thread": str(thread_id)}
         position = decode_page_token(request.page_token, "participants", params)
-        try:
-            after = UUID(str(position[0])) if position else None
-        except ValueError:
-            raise InvalidArgument.field("page_token", "is not a valid position") from None
+        after = id_position(position) if position else None
         async with self._pool.acquire() as conn:
             await _visible_thread(conn, caller_of(context), thread_id)
             rows = await store.list_participants(conn, thread_id, after, size + 1)

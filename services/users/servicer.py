@@ -9,7 +9,12 @@ from chat.v1 import users_pb2, users_pb2_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
-from services.common.pagination import decode_page_token, encode_page_token, page_size_of
+from services.common.pagination import (
+    decode_page_token,
+    encode_page_token,
+    page_size_of,
+    text_position,
+)
 from services.common.server import Runtime
 from services.common.types import Context
 from services.common.validation import Violations, parse_uuid
@@ -18,6 +23,7 @@ from services.users.convert import user_to_proto
 from services.users.validation import (
     BATCH_GET_MAX,
     QUERY_MAX,
+    USERNAME_MAX,
     check_email,
     check_profile,
     check_username,
@@ -98,7 +104,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         async with self._pool.acquire() as conn:
             rows = await store.list_users(
                 conn,
-                after_username=str(position[0]) if position else None,
+                after_username=text_position(position, max_len=USERNAME_MAX) if position else None,
                 include_inactive=request.include_inactive,
                 query=request.query,
                 limit=size + 1,

@@ -255,6 +255,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_thread_of(conn, message_id)
             message, _ = await _message_access(conn, caller, message_id, to_change=True)
             if not caller.trusted and not caller.is_user(message.user_id):
                 raise PermissionDenied("only the author edits a message")
@@ -279,6 +280,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         async with self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
+                    await store.lock_thread_of(conn, message_id)
                     message, role = await _message_access(conn, caller, message_id)
                     author = caller.is_user(message.user_id)
                     if not caller.trusted and not author and role not in ("owner", "admin"):
@@ -298,6 +300,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_thread_of(conn, message_id)
             message, _ = await _message_access(conn, caller, message_id, to_change=True)
             if not caller.trusted and not caller.is_user(message.user_id):
                 raise PermissionDenied("only the author adds attachments")

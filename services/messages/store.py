@@ -198,6 +198,18 @@ STREAM_ACCESS = named(
     FROM threads t WHERE t.id = $1
     """,
 )
+# Every change to an existing message starts by locking its thread's row, as a
+# send does: changes of one thread serialise, so checks made after it (the
+# message not deleted, its attachment count) still hold at commit, and a thread
+# deleted meanwhile is seen as gone (no row) rather than failing later.
+LOCK_THREAD_OF = named(
+    "messages.lock_thread_of",
+    """
+    SELECT t.id FROM threads t JOIN messages m ON m.thread_id = t.id
+    WHERE m.id = $1
+    FOR UPDATE OF t
+    """,
+)
 # A change to an existing message takes the next position under the thread lock.
 BUMP = named(
     "messages.bump_thread",
@@ -398,6 +410,11 @@ async def membership(
     """(thread archived, user's role or None); None when the thread does not exist."""
     record = await conn.fetchrow(MEMBERSHIP, thread_id, user_id)
     return None if record is None else (record["is_archived"], record["role"])
+
+
+async def lock_thread_of(conn: DbConnection, message_id: UUID) -> None:
+    """Lock the message's thread for the caller's transaction (see LOCK_THREAD_OF)."""
+    await conn.execute(LOCK_THREAD_OF, message_id)
 
 
 async def _bump(conn: DbConnection, thread_id: UUID) -> int:

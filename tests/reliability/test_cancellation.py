@@ -36,15 +36,12 @@ import pytest
 from chat.v1 import (
     messages_pb2,
     messages_pb2_grpc,
-    threads_pb2,
-    threads_pb2_grpc,
-    users_pb2,
-    users_pb2_grpc,
 )
 
 from tests.integration.conftest import free_port
 from tests.postgres import DatabaseFactory
 from tests.processes import ServiceProcess, start_service_process
+from tests.reliability.seeding import seed
 from tests.reliability.soak import scrape
 from tests.rpc_errors import as_user
 
@@ -100,37 +97,14 @@ async def system(database_factory: DatabaseFactory) -> AsyncIterator[System]:
 
 
 async def _world(system: System) -> World:
-    async with (
-        grpc.aio.insecure_channel(system.procs["users"].address) as uc,
-        grpc.aio.insecure_channel(system.procs["threads"].address) as tc,
-        grpc.aio.insecure_channel(system.procs["messages"].address) as mc,
-    ):
-        users_stub = users_pb2_grpc.UsersServiceStub(uc)
-        threads_stub = threads_pb2_grpc.ThreadsServiceStub(tc)
-        messages_stub = messages_pb2_grpc.MessagesServiceStub(mc)
-        users = []
-        for _ in range(USERS):
-            tag = f"c{uuid.uuid4().hex[:10]}"
-            reply = await users_stub.CreateUser(
-                users_pb2.CreateUserRequest(
-                    user=users_pb2.User(email=f"{tag}@example.com", username=tag)
-                )
-            )
-            users.append(reply.user.id)
-        threads, cursors = [], {}
-        for i in range(THREADS):
-            created = await threads_stub.CreateThread(
-                threads_pb2.CreateThreadRequest(
-                    name=f"cancel {i}", creator_id=users[0], participant_ids=users[1:]
-                )
-            )
-            thread = created.thread.id
-            sent = await messages_stub.SendMessage(
-                messages_pb2.SendMessageRequest(thread_id=thread, user_id=users[0], content="seed")
-            )
-            threads.append(thread)
-            cursors[thread] = sent.message.cursor
-        return World(users, threads, cursors)
+    seeded = await seed(
+        system.procs["users"].address,
+        system.procs["threads"].address,
+        system.procs["messages"].address,
+        users=USERS,
+        threads=THREADS,
+    )
+    return World(seeded.users, seeded.threads, seeded.cursors)
 
 
 async def _ended(call: Any) -> str:

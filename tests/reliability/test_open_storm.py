@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,16 +25,13 @@ import pytest
 from chat.v1 import (
     messages_pb2,
     messages_pb2_grpc,
-    threads_pb2,
-    threads_pb2_grpc,
-    users_pb2,
-    users_pb2_grpc,
 )
 from google.rpc import error_details_pb2
 
 from tests.integration.conftest import free_port
 from tests.postgres import DatabaseFactory
 from tests.processes import ServiceProcess, start_service_process
+from tests.reliability.seeding import seed
 from tests.reliability.soak import scrape
 from tests.rpc_errors import as_user, rich_status
 
@@ -66,35 +62,10 @@ async def storm(database_factory: DatabaseFactory) -> AsyncIterator[Storm]:
         port = free_port()  # a port, not a behaviour: the stream gauge is read from it
         messages = await start_service_process("messages", url, METRICS_PORT=str(port))
         procs.append(messages)
-        async with (
-            grpc.aio.insecure_channel(procs[0].address) as uc,
-            grpc.aio.insecure_channel(procs[1].address) as tc,
-            grpc.aio.insecure_channel(messages.address) as mc,
-        ):
-            users_stub = users_pb2_grpc.UsersServiceStub(uc)
-            users = []
-            for _ in range(3):
-                tag = f"s{uuid.uuid4().hex[:10]}"
-                reply = await users_stub.CreateUser(
-                    users_pb2.CreateUserRequest(
-                        user=users_pb2.User(email=f"{tag}@example.com", username=tag)
-                    )
-                )
-                users.append(reply.user.id)
-            threads, cursors = [], {}
-            for i in range(THREADS):
-                created = await threads_pb2_grpc.ThreadsServiceStub(tc).CreateThread(
-                    threads_pb2.CreateThreadRequest(
-                        name=f"storm {i}", creator_id=users[0], participant_ids=users[1:]
-                    )
-                )
-                sent = await messages_pb2_grpc.MessagesServiceStub(mc).SendMessage(
-                    messages_pb2.SendMessageRequest(
-                        thread_id=created.thread.id, user_id=users[0], content="first"
-                    )
-                )
-                threads.append(created.thread.id)
-                cursors[created.thread.id] = sent.message.cursor
+        seeded = await seed(
+            procs[0].address, procs[1].address, messages.address, users=3, threads=THREADS
+        )
+        users, threads, cursors = seeded.users, seeded.threads, seeded.cursors
         yield Storm(messages, f"127.0.0.1:{port}", users, threads, cursors)
     finally:
         for proc in procs:

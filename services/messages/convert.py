@@ -60,6 +60,12 @@ class StreamEvent:
 
 
 def stream_event(event: ThreadEvent) -> StreamEvent:
+    """`event` for live delivery: converted once, sized for the subscribers' buffers."""
+    response = event_response(event)
+    return StreamEvent(event.position, response, response.ByteSize())
+
+
+def event_response(event: ThreadEvent) -> messages_pb2.StreamThreadMessagesResponse:
     """The stream response for `event`; its cursor (and its message's) resume right after it."""
     row = event.row
     cursor = encode_cursor(row.thread_id, event.position)
@@ -77,7 +83,7 @@ def stream_event(event: ThreadEvent) -> StreamEvent:
             response = messages_pb2.StreamThreadMessagesResponse(cursor=cursor, deleted=message)
         else:
             response = messages_pb2.StreamThreadMessagesResponse(cursor=cursor, updated=message)
-    return StreamEvent(event.position, response, response.ByteSize())
+    return response
 
 
 def caught_up(thread_id: UUID, position: int) -> messages_pb2.StreamThreadMessagesResponse:

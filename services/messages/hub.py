@@ -246,10 +246,6 @@ class StreamHub:
     def feed_count(self) -> int:
         return len(self._feeds)
 
-    @property
-    def fetch_task_count(self) -> int:
-        return sum(f.task is not None and not f.task.done() for f in self._feeds.values())
-
     # -- subscriptions -------------------------------------------------------
 
     def subscribe(self, thread_id: UUID, user_id: UUID | None) -> Subscription:

@@ -23,7 +23,7 @@ from chat.v1 import messages_pb2
 
 from services.common.errors import InvalidArgument
 from services.messages import store
-from services.messages.convert import StreamEvent, caught_up, stream_event
+from services.messages.convert import caught_up, event_response
 from services.messages.hub import StreamHub, access_error
 from services.messages.settings import MessagesSettings
 
@@ -45,7 +45,7 @@ async def stream_thread(
         delivered = sub.start_seq if after is None else after
         if after is not None:
             async for event in _replay(pool, settings, thread_id, user_id, after):
-                yield event.response
+                yield event_response(event)  # no buffer: not sized
                 delivered = event.position
             delivered = max(delivered, sub.start_seq)
         yield caught_up(thread_id, delivered)
@@ -65,7 +65,7 @@ async def _replay(
     thread_id: UUID,
     user_id: UUID | None,
     after: int,
-) -> AsyncIterator[StreamEvent]:
+) -> AsyncIterator[store.ThreadEvent]:
     position = after
     readers = [user_id] if user_id is not None else []
     while True:
@@ -81,7 +81,7 @@ async def _replay(
         if after > access.last_seq:
             raise InvalidArgument.field("after", "is ahead of this thread's stream")
         for event in batch.events:
-            yield stream_event(event)
+            yield event
             position = event.position
         if batch.complete:
             return

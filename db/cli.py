@@ -47,7 +47,7 @@ async def _up(migrator: Migrator, args: argparse.Namespace) -> int:
 
 
 async def _down(migrator: Migrator, args: argparse.Namespace) -> int:
-    rolled_back = await migrator.down(args.to)
+    rolled_back = await migrator.down(args.to, allow_data_loss=args.allow_data_loss)
     for migration in rolled_back:
         print(f"rolled back {migration.filename}")
     if not rolled_back:
@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--to", type=int, default=None, help="stop after this version")
     down = sub.add_parser("down", help="roll back migrations newer than --to")
     down.add_argument("--to", type=int, required=True, help="version to keep; 0 removes all")
+    down.add_argument(
+        "--allow-data-loss",
+        action="store_true",
+        help="let down parts drop rows and values they cannot rebuild (they refuse otherwise)",
+    )
     sub.add_parser("status", help="list migrations and whether each is applied")
     sub.add_parser("validate", help="check applied migrations against their files")
     sub.add_parser("stats", help="index usage, cache hit ratio, connections, sizes, slow queries")

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x63686174_6D696772  # "chatmigr"
 LOCK_POLL_INTERVAL_S = 0.2
 
+# The session setting a down part reads to learn whether it may destroy data:
+# `current_setting('chat.allow_data_loss', true) = 'on'` only under
+# `python -m db down --allow-data-loss`; 'off' for every other run.
+ALLOW_DATA_LOSS_SETTING = "chat.allow_data_loss"
+
 _CREATE_HISTORY = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version     integer     PRIMARY KEY,
@@ -70,6 +75,7 @@ class Migrator:
         self._lock_timeout = lock_timeout
         self._statement_timeout = statement_timeout
         self._waiting_logged = False
+        self._allow_data_loss = False
 
     @property
     def connection(self) -> asyncpg.Connection:
@@ -129,10 +135,23 @@ class Migrator:
                 await self._run(migration, "up")
         return pending
 
-    async def down(self, to: int) -> list[Migration]:
-        """Roll back applied migrations newer than `to`, newest first (`to=0`: all)."""
+    async def down(self, to: int, *, allow_data_loss: bool = False) -> list[Migration]:
+        """Roll back applied migrations newer than `to`, newest first (`to=0`: all).
+
+        A down part that would destroy data (rows, or values its up part cannot
+        rebuild) refuses unless `allow_data_loss`, which it reads from the session
+        setting `chat.allow_data_loss` ('on' or 'off'). Rolling back stops at the
+        first refusal; the steps before it are rolled back (they lost nothing).
+        """
         if to < 0:
             raise MigrationError("--to must be 0 or a migration version")
+        self._allow_data_loss = allow_data_loss
+        try:
+            return await self._down(to)
+        finally:
+            self._allow_data_loss = False
+
+    async def _down(self, to: int) -> list[Migration]:
         async with self._locked():
             done = sorted((r.version for r in await self.applied()), reverse=True)
             rolled_back = []
@@ -174,8 +193,13 @@ class Migrator:
                     await self._record(migration, direction, started)
             else:
                 await self._set_timeouts(local=False)
-                for statement in migration.statements(direction):
-                    await self._conn.execute(statement)
+                try:
+                    for statement in migration.statements(direction):
+                        await self._conn.execute(statement)
+                finally:
+                    await self._conn.execute(
+                        "SELECT set_config($1, 'off', false)", ALLOW_DATA_LOSS_SETTING
+                    )
                 await self._record(migration, direction, started)
         except asyncpg.PostgresError as exc:
             atomic = (
@@ -189,11 +213,15 @@ class Migrator:
             ) from exc
 
     async def _set_timeouts(self, *, local: bool) -> None:
+        """The timeouts, and whether a down part may destroy data (see `down`)."""
         await self._conn.execute(
-            "SELECT set_config('lock_timeout', $1, $3), set_config('statement_timeout', $2, $3)",
+            "SELECT set_config('lock_timeout', $1, $3), set_config('statement_timeout', $2, $3),"
+            " set_config($4, $5, $3)",
             self._lock_timeout,
             self._statement_timeout,
             local,
+            ALLOW_DATA_LOSS_SETTING,
+            "on" if self._allow_data_loss else "off",
         )
 
     async def _record(self, migration: Migration, direction: str, started: float) -> None:

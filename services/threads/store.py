@@ -176,15 +176,28 @@ LIST_PARTICIPANTS = named(
     LIMIT $3
     """,
 )
-# The read position only moves forward, and never past now (a future read_at
-# would silently mark messages not yet sent as read).
+# The read mark only moves forward, and never past the thread's newest committed
+# message: read under a share lock on the thread row, which waits for any send in
+# flight (a send holds that row for update until it commits). Sends stamp
+# created_at under that lock in commit order, so the mark covers exactly what was
+# committed when MarkRead ran; a message acknowledged after MarkRead returned is
+# newer than the mark, hence unread. A given read_at is capped there too (a clock
+# reading could cover a send stamped earlier but committed later).
 MARK_READ = named(
     "threads.mark_read",
     """
-    UPDATE thread_participants
-    SET last_read_at = greatest(last_read_at, least(coalesce($3, now()), now()))
-    WHERE thread_id = $1 AND user_id = $2
-    RETURNING thread_id, user_id, role, last_read_at, created_at
+    WITH newest AS (
+        SELECT coalesce(last_message_at, '-infinity'::timestamptz) AS at
+        FROM threads WHERE id = $1
+        FOR SHARE
+    )
+    UPDATE thread_participants p
+    SET last_read_at = greatest(
+        p.last_read_at,
+        nullif(least(coalesce($3::timestamptz, 'infinity'), newest.at), '-infinity'))
+    FROM newest
+    WHERE p.thread_id = $1 AND p.user_id = $2
+    RETURNING p.thread_id, p.user_id, p.role, p.last_read_at, p.created_at
     """,
 )
 # The inbox: the user's memberships, newest activity first, each with its unread

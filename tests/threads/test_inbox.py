@@ -111,7 +111,7 @@ async def test_unread_counts_follow_sends_reads_and_deletes(
         threads_pb2.MarkReadRequest(thread_id=first, user_id=me), metadata=as_user(me)
     )
     assert await unread(threads, me) == (1, 1)
-    # An older read_at never moves the position back; a future one is clamped to now.
+    # An older read_at never moves the mark back; a future one is capped at the newest message.
     old = timestamp_pb2.Timestamp(seconds=1)
     again = await threads.MarkRead(
         threads_pb2.MarkReadRequest(thread_id=first, user_id=me, read_at=old), metadata=as_user(me)

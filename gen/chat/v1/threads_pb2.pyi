@@ -625,7 +625,10 @@ class MarkReadRequest(_message.Message):
     user_id: _builtins.str
     @_builtins.property
     def read_at(self) -> _timestamp_pb2.Timestamp:
-        """Unset means now; an older time than the current position changes nothing."""
+        """Unset means every message committed in the thread when the call runs (it waits
+        for a send in flight); a given time is capped there too. An older time than
+        the current mark changes nothing.
+        """
 
     def __init__(
         self,

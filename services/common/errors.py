@@ -66,16 +66,22 @@ class InvalidArgument(DomainError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
-    def __init__(self, violations: Sequence[FieldViolation], message: str | None = None) -> None:
+    def __init__(
+        self,
+        violations: Sequence[FieldViolation],
+        message: str | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
         if not violations:
             raise ValueError("InvalidArgument needs at least one field violation")
         self.violations = list(violations)
         summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
-        super().__init__(message or f"invalid request: {summary}")
+        super().__init__(message or f"invalid request: {summary}", reason=reason)
 
     @classmethod
-    def field(cls, field: str, description: str) -> InvalidArgument:
-        return cls([FieldViolation(field, description)])
+    def field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidArgument:
+        return cls([FieldViolation(field, description)], reason=reason)
 
     def extra_details(self) -> Iterable[object]:
         yield error_details_pb2.BadRequest(

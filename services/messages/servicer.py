@@ -131,22 +131,24 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         if not caller.trusted and not caller.is_user(user_id):
             raise PermissionDenied("a user may only send as themselves")
         async with self._pool.acquire() as conn:
-            try:
-                outcome, message = await store.send(
-                    conn,
-                    thread_id=thread_id,
-                    user_id=user_id,
-                    content=request.content,
-                    parent_id=parent_id,
-                    metadata=metadata,
-                    request_id=request_id,
-                    attachments=attachments,
-                )
-            except asyncpg.UniqueViolationError:
-                # The same request_id raced in through another thread: the original wins.
-                assert request_id is not None
-                outcome = "duplicate"
-                message = await store.message_for_request(conn, user_id, request_id)
+            for attempt in range(2):
+                try:
+                    outcome, message = await store.send(
+                        conn,
+                        thread_id=thread_id,
+                        user_id=user_id,
+                        content=request.content,
+                        parent_id=parent_id,
+                        metadata=metadata,
+                        request_id=request_id,
+                        attachments=attachments,
+                    )
+                    break
+                except asyncpg.UniqueViolationError:
+                    # The same request_id raced in through another thread and committed
+                    # first: sending again compares with it (same request or reused).
+                    if attempt:
+                        raise
         if message is not None:
             return messages_pb2.SendMessageResponse(message=message_to_proto(message))
         raise self._refusal(outcome, caller, thread_id)
@@ -172,6 +174,14 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             )
         if outcome == "bad_parent":
             return InvalidArgument.field("parent_id", "must be a message of the same thread")
+        if outcome == "request_id_reused":
+            return InvalidArgument.field(
+                "request_id",
+                "was already used by this sender for a different request (another "
+                "thread, content, parent, metadata or attachments); a retry must repeat "
+                "the original request exactly",
+                reason="REQUEST_ID_REUSED",
+            )
         return RuntimeError(f"unexpected send outcome {outcome!r}")
 
     async def GetMessage(

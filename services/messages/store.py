@@ -487,14 +487,3 @@ async def add_attachment(
     return _attachment(record)
 
 
-BY_REQUEST = named(
-    "messages.by_request",
-    "SELECT id FROM messages WHERE user_id = $1 AND request_id = $2",
-)
-
-
-async def message_for_request(
-    conn: DbConnection, user_id: UUID, request_id: UUID
-) -> MessageRow | None:
-    value = await conn.fetchval(BY_REQUEST, user_id, request_id)
-    return None if value is None else await get_message(conn, value)

@@ -154,6 +154,9 @@ DELETE = named("users.delete", "DELETE FROM users WHERE id = $1")
 # `removed` events and replies to them lose their parent as `updated` events
 # (migration 0008), so stream consumers stay equal to history.
 FORGET_MESSAGES = named("users.forget_messages", "SELECT chat_forget_user_messages($1)")
+# Before the user leaves their groups (deleted or deactivated), each group they
+# own gets another owner if it needs one (rule in migration 0011).
+HAND_ON_OWNERSHIP = named("users.hand_on_ownership", "SELECT chat_hand_on_ownership($1)")
 # A user who can no longer act (deactivated or deleted): the messages service ends
 # their open streams when this commits (`thread_id` null means every thread).
 NOTIFY_USER_GONE = named(
@@ -265,13 +268,15 @@ async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -
     if updated is None:
         raise NotFound("user", str(user_id))
     if "is_active" in f and not changes.is_active:
+        await conn.execute(HAND_ON_OWNERSHIP, user_id)
         await conn.execute(NOTIFY_USER_GONE, channels.MEMBERSHIP, user_id)
     return updated
 
 
 async def delete_user(conn: DbConnection, user_id: UUID) -> None:
-    """Delete in the caller's transaction (the two statements must commit together)."""
+    """Delete in the caller's transaction (the statements must commit together)."""
     await conn.execute(FORGET_MESSAGES, user_id)
+    await conn.execute(HAND_ON_OWNERSHIP, user_id)
     status = await conn.execute(DELETE, user_id)
     if status == "DELETE 0":
         raise NotFound("user", str(user_id))

@@ -1,0 +1,91 @@
+-- No ownerless group thread: when a group's last active owner leaves by deleting
+-- their account or being deactivated, ownership passes on.
+--
+-- The rule (chat_ensure_owner), applied per group thread under its row lock, the
+-- lock every membership change of a thread takes: if no active owner other than
+-- the leaving user remains, the remaining participant who is active, an admin
+-- rather than a member, and the longest in the thread (then the smallest user id)
+-- becomes an owner. With no active participant left, the longest-standing
+-- inactive one is promoted only when the thread would otherwise have no owner at
+-- all (a reactivated user can then manage it). A group with no participant left
+-- stays ownerless; nobody can see it, trusted callers can delete it.
+--
+-- DeleteUser and a deactivating UpdateUser call chat_hand_on_ownership in their
+-- transaction (services/users/store.py); this migration also repairs the groups
+-- that are already without an active owner.
+
+-- migrate:up
+
+CREATE FUNCTION chat_ensure_owner(p_thread_id uuid, p_leaving uuid) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_candidate uuid;
+    v_candidate_active boolean;
+BEGIN
+    PERFORM 1 FROM threads t WHERE t.id = p_thread_id AND NOT t.is_direct FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (
+        SELECT 1 FROM thread_participants o JOIN users u ON u.id = o.user_id
+        WHERE o.thread_id = p_thread_id AND o.role = 'owner' AND u.is_active
+          AND o.user_id IS DISTINCT FROM p_leaving
+    ) THEN
+        RETURN NULL;
+    END IF;
+    SELECT o.user_id, u.is_active INTO v_candidate, v_candidate_active
+    FROM thread_participants o JOIN users u ON u.id = o.user_id
+    WHERE o.thread_id = p_thread_id AND o.role <> 'owner'
+      AND o.user_id IS DISTINCT FROM p_leaving
+    ORDER BY u.is_active DESC, o.role = 'admin' DESC, o.created_at, o.user_id
+    LIMIT 1;
+    IF v_candidate IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF NOT v_candidate_active AND EXISTS (
+        SELECT 1 FROM thread_participants o
+        WHERE o.thread_id = p_thread_id AND o.role = 'owner'
+          AND o.user_id IS DISTINCT FROM p_leaving
+    ) THEN
+        RETURN NULL;  -- an inactive owner remains; promoting another inactive user adds nothing
+    END IF;
+    UPDATE thread_participants SET role = 'owner'
+    WHERE thread_id = p_thread_id AND user_id = v_candidate;
+    RETURN v_candidate;
+END $$;
+
+-- Every group `p_user_id` owns gets another owner if it needs one; the user's row
+-- is locked first (as chat_forget_user_messages and a send do), then the threads
+-- in id order. Returns how many owners were made.
+CREATE FUNCTION chat_hand_on_ownership(p_user_id uuid) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_thread uuid;
+    v_promoted integer := 0;
+BEGIN
+    PERFORM 1 FROM users u WHERE u.id = p_user_id FOR NO KEY UPDATE;
+    FOR v_thread IN
+        SELECT p.thread_id FROM thread_participants p
+        WHERE p.user_id = p_user_id AND p.role = 'owner'
+        ORDER BY p.thread_id
+    LOOP
+        IF chat_ensure_owner(v_thread, p_user_id) IS NOT NULL THEN
+            v_promoted := v_promoted + 1;
+        END IF;
+    END LOOP;
+    RETURN v_promoted;
+END $$;
+
+DO $$
+DECLARE v_repaired integer;
+BEGIN
+    SELECT count(chat_ensure_owner(t.id, NULL)) INTO v_repaired
+    FROM (SELECT t.id FROM threads t WHERE NOT t.is_direct ORDER BY t.id) t;
+    RAISE NOTICE '0011: % group threads without an active owner got one', v_repaired;
+END $$;
+
+-- migrate:down
+
+-- Owners made by the rule stay owners (a role is not data to take back).
+DROP FUNCTION chat_hand_on_ownership(uuid);
+DROP FUNCTION chat_ensure_owner(uuid, uuid);

@@ -95,6 +95,21 @@ def _group_only(thread: store.ThreadRow) -> None:
         )
 
 
+def _not_archived(thread: store.ThreadRow) -> None:
+    """An archived thread is read-only: read, unarchive, leave and delete only.
+
+    Renaming it, adding participants, removing others and changing roles are
+    refused until it is unarchived (the messages service refuses sends, edits and
+    attachments the same way).
+    """
+    if thread.is_archived:
+        raise FailedPrecondition(
+            "the thread is archived: unarchive it first",
+            reason="THREAD_ARCHIVED",
+            subject=f"thread/{thread.id}",
+        )
+
+
 class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._pool = runtime.pool
@@ -103,7 +118,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         self, request: threads_pb2.CreateThreadRequest, context: Context
     ) -> threads_pb2.CreateThreadResponse:
         violations = Violations()
-        violations.check_length(request.name, "name", max_len=NAME_MAX)
+        violations.check_name(request.name, "name", max_len=NAME_MAX)
         creator = violations.check_uuid(request.creator_id, "creator_id")
         violations.raise_if_any()
         assert creator is not None
@@ -188,7 +203,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         paths = update_paths(request.update_mask, request.thread, ("name", "is_archived"))
         violations = Violations()
         if "name" in paths:
-            violations.check_length(request.thread.name, "thread.name", max_len=NAME_MAX)
+            violations.check_name(request.thread.name, "thread.name", max_len=NAME_MAX)
         violations.raise_if_any()
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():
@@ -197,6 +212,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
                 raise PermissionDenied("only owners and admins change a thread")
             if "name" in paths and thread.is_direct:
                 _group_only(thread)
+            unarchives = "is_archived" in paths and not request.thread.is_archived
+            if "name" in paths and not unarchives:
+                _not_archived(thread)
             updated = await store.update_thread(
                 conn,
                 thread_id,
@@ -229,6 +247,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         async with self._pool.acquire() as conn, conn.transaction():
             thread, member = await _visible_thread(conn, caller, thread_id, lock=True)
             _group_only(thread)
+            _not_archived(thread)
             if member is not None:
                 if member.role not in MANAGERS:
                     raise PermissionDenied("only owners and admins add participants")
@@ -254,6 +273,8 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
                 raise NotFound("participant", f"{thread_id}/{user_id}")
             _group_only(thread)
             leaving = caller.is_user(user_id)
+            if not leaving and not caller.trusted:
+                _not_archived(thread)  # leaving stays possible; removing others does not
             if member is not None and not leaving:
                 if member.role not in MANAGERS:
                     raise PermissionDenied("only owners and admins remove others")
@@ -283,6 +304,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             if target is None:
                 raise NotFound("participant", f"{thread_id}/{user_id}")
             _group_only(thread)
+            _not_archived(thread)
             if member is not None:
                 if member.role not in MANAGERS:
                     raise PermissionDenied("only owners and admins change roles")

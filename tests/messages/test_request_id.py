@@ -92,7 +92,7 @@ async def test_a_retry_must_repeat_the_original_request(
     )
     assert (await _send(messages, reordered)).id == sent.id
 
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "content": {"content": "changed"},
         "parent": {"parent_id": ""},
         "metadata": {"metadata": _meta(kind="photo", n=2)},

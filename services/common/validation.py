@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -42,6 +43,47 @@ def parse_optional_uuid(value: str, field: str) -> UUID | None:
     return parse_uuid(value, field) if value else None
 
 
+# Unicode general categories refused in every name shown to people (user, thread
+# and attachment names): Cc controls (NUL, BEL, ESC of ANSI escapes, C1), Cf format
+# characters (zero-width space/joiners, bidi marks, embeddings, overrides and
+# isolates, BOM, soft hyphen, tags), Cs surrogates, Co private use, Zl/Zp line and
+# paragraph separators. Each can hide or reorder what a reader sees.
+REFUSED_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+_CATEGORY_WORDS = {
+    "Cc": "control",
+    "Cf": "invisible or bidirectional format",
+    "Cs": "surrogate",
+    "Co": "private-use",
+    "Zl": "line separator",
+    "Zp": "paragraph separator",
+}
+
+
+def is_noncharacter(code_point: int) -> bool:
+    """U+FDD0..U+FDEF and the last two code points of every plane (U+FFFE, U+10FFFF, ...)."""
+    return 0xFDD0 <= code_point <= 0xFDEF or code_point & 0xFFFE == 0xFFFE
+
+
+def refused_name_character(value: str) -> str | None:
+    """Why the first character `value` must not contain is refused, or None if none is.
+
+    Also refuses the 66 permanent noncharacters: U+10FFFF is the upper bound of
+    the users' prefix search, so no stored name may contain it.
+    """
+    if value.isascii():
+        for char in value:
+            if char < " " or char == "\x7f":
+                return f"control character U+{ord(char):04X}"
+        return None
+    for char in value:
+        category = unicodedata.category(char)
+        if category in REFUSED_NAME_CATEGORIES:
+            return f"{_CATEGORY_WORDS[category]} character U+{ord(char):04X}"
+        if category == "Cn" and is_noncharacter(ord(char)):
+            return f"noncharacter U+{ord(char):04X}"
+    return None
+
+
 class Violations:
     """Collects every problem with a request so one error names them all."""
 
@@ -62,6 +104,19 @@ class Violations:
         else:
             return True
         return False
+
+    def check_name(self, value: str, field: str, *, max_len: int, min_len: int = 0) -> bool:
+        """check_length, and none of the characters a reader cannot see or that reorder text.
+
+        The one rule for every name field (REFUSED_NAME_CATEGORIES, noncharacters).
+        """
+        if not self.check_length(value, field, max_len=max_len, min_len=min_len):
+            return False
+        refused = refused_name_character(value)
+        if refused is not None:
+            self.add(field, f"must not contain {refused}")
+            return False
+        return True
 
     def check_http_url(self, value: str, field: str, *, max_len: int) -> None:
         """Empty, or an http(s) URL of at most `max_len` characters."""

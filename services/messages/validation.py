@@ -54,7 +54,7 @@ def attachment_of(
         v.add(f"{field}.url", "is required")
     if v.check_length(a.type, f"{field}.type", max_len=TYPE_MAX) and not a.type:
         v.add(f"{field}.type", "is required")
-    if v.check_length(a.name, f"{field}.name", max_len=NAME_MAX) and not a.name:
+    if v.check_name(a.name, f"{field}.name", max_len=NAME_MAX) and not a.name:
         v.add(f"{field}.name", "is required")
     if not 0 <= a.size <= SIZE_MAX:
         v.add(f"{field}.size", f"must be between 0 and {SIZE_MAX}")

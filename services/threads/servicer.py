@@ -118,7 +118,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         self, request: threads_pb2.CreateThreadRequest, context: Context
     ) -> threads_pb2.CreateThreadResponse:
         violations = Violations()
-        violations.check_length(request.name, "name", max_len=NAME_MAX)
+        violations.check_name(request.name, "name", max_len=NAME_MAX)
         creator = violations.check_uuid(request.creator_id, "creator_id")
         violations.raise_if_any()
         assert creator is not None
@@ -203,7 +203,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         paths = update_paths(request.update_mask, request.thread, ("name", "is_archived"))
         violations = Violations()
         if "name" in paths:
-            violations.check_length(request.thread.name, "thread.name", max_len=NAME_MAX)
+            violations.check_name(request.thread.name, "thread.name", max_len=NAME_MAX)
         violations.raise_if_any()
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():

@@ -27,8 +27,14 @@ from services.users.validation import (
     check_email,
     check_profile,
     check_username,
+    identity_form,
     new_user,
 )
+
+# A page token's position is lower(username) as PostgreSQL computes it; a legacy
+# username (one migration 0009 could not bring to the identity form) may lengthen
+# when lowered, so a position may be longer than USERNAME_MAX.
+POSITION_MAX = 4 * USERNAME_MAX
 
 UPDATABLE = ("email", "username", "first_name", "last_name", "profile_image", "is_active")
 
@@ -65,15 +71,18 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     ) -> users_pb2.LookupUserResponse:
         key = request.WhichOneof("key")
         violations = Violations()
+        # The same identity form as CreateUser: the KELVIN SIGN spelling of
+        # kate@example.com finds kate@example.com, a Cyrillic look-alike is refused.
+        email = username = None
         if key == "email":
-            violations.check_length(request.email, "email", min_len=1, max_len=255)
+            email = check_email(violations, request.email, "email")
         elif key == "username":
-            violations.check_length(request.username, "username", min_len=1, max_len=50)
+            username = check_username(violations, request.username, "username")
         else:
             violations.add("key", "set email or username")
         violations.raise_if_any()
         async with self._pool.acquire() as conn:
-            row = await store.lookup_user(conn, email=request.email, username=request.username)
+            row = await store.lookup_user(conn, email=email or "", username=username or "")
         return users_pb2.LookupUserResponse(user=user_to_proto(row))
 
     async def BatchGetUsers(
@@ -102,19 +111,20 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         params = {"query": request.query.lower(), "inactive": request.include_inactive}
         position = decode_page_token(request.page_token, "users", params)
         async with self._pool.acquire() as conn:
-            rows = await store.list_users(
+            listed = await store.list_users(
                 conn,
-                after_username=text_position(position, max_len=USERNAME_MAX) if position else None,
+                after_username=text_position(position, max_len=POSITION_MAX) if position else None,
                 include_inactive=request.include_inactive,
                 query=request.query,
+                identity_query=identity_form(request.query),
                 limit=size + 1,
             )
         token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = encode_page_token("users", params, [rows[-1].username.lower()])
+        if len(listed) > size:
+            listed = listed[:size]
+            token = encode_page_token("users", params, [listed[-1].sort_key])
         return users_pb2.ListUsersResponse(
-            users=[user_to_proto(r) for r in rows], next_page_token=token
+            users=[user_to_proto(item.user) for item in listed], next_page_token=token
         )
 
     async def UpdateUser(
@@ -123,18 +133,16 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         user_id = parse_uuid(request.user.id, "user.id")
         paths = update_paths(request.update_mask, request.user, UPDATABLE)
         violations = Violations()
-        if "email" in paths:
-            check_email(violations, request.user.email)
-        if "username" in paths:
-            check_username(violations, request.user.username)
+        user = request.user
+        email = check_email(violations, user.email) if "email" in paths else None
+        username = check_username(violations, user.username) if "username" in paths else None
         check_profile(violations, request.user, paths)
         violations.raise_if_any()
         _require_self(context, user_id)
-        user = request.user
         changes = store.UserChanges(
             fields=frozenset(paths),
-            email=user.email,
-            username=user.username,
+            email=email or "",
+            username=username or "",
             first_name=user.first_name or None,
             last_name=user.last_name or None,
             profile_image=user.profile_image or None,

@@ -102,11 +102,12 @@ BATCH_GET = named(
 )
 # All users in lower(username) order. `~>~`/`~<~` are the byte-wise operators of
 # the text_pattern_ops index idx_users_username, so the scan walks that index.
+# sort_key is the page token's position, lowered by the same lower() as the index.
 LIST = named(
     "users.list",
     """
     SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at
+           last_login_at, created_at, updated_at, lower(username) AS sort_key
     FROM users
     WHERE ($1::text IS NULL OR lower(username) ~>~ $1)
       AND (is_active OR $2)
@@ -114,18 +115,27 @@ LIST = named(
     LIMIT $3
     """,
 )
-# Prefix search: one index range scan per column ($3 <= value < $4), OR-ed into a
-# bitmap, then the page is sorted by username.
+# Prefix search: one index range scan per column, OR-ed into a bitmap, then the
+# page is sorted by username. The query is lowered here by PostgreSQL's lower(),
+# the function the indexes hold, never in Python (str.lower() and lower() differ
+# outside ASCII: "İ"). The range is [q, q || chr(1114111)), U+10FFFF being the
+# largest code point: byte-wise, every value that starts with q lies in it,
+# unless U+10FFFF follows q, a noncharacter no name or identity accepted by the
+# API contains (services/common/validation.py). Username and
+# email are matched against $3, the query in identity form (NFKC, as LookupUser
+# takes it), first and last name against $4, the query as given.
 SEARCH = named(
     "users.search",
     """
     SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at
+           last_login_at, created_at, updated_at, lower(username) AS sort_key
     FROM users
-    WHERE ((lower(username) ~>=~ $3 AND lower(username) ~<~ $4)
-        OR (lower(email) ~>=~ $3 AND lower(email) ~<~ $4)
-        OR (lower(first_name) ~>=~ $3 AND lower(first_name) ~<~ $4)
-        OR (lower(last_name) ~>=~ $3 AND lower(last_name) ~<~ $4))
+    WHERE ((lower(username) ~>=~ lower($3) AND lower(username) ~<~ (lower($3) || chr(1114111)))
+        OR (lower(email) ~>=~ lower($3) AND lower(email) ~<~ (lower($3) || chr(1114111)))
+        OR (lower(first_name) ~>=~ lower($4)
+            AND lower(first_name) ~<~ (lower($4) || chr(1114111)))
+        OR (lower(last_name) ~>=~ lower($4)
+            AND lower(last_name) ~<~ (lower($4) || chr(1114111))))
       AND ($1::text IS NULL OR lower(username) ~>~ $1)
       AND (is_active OR $2)
     ORDER BY lower(username) USING ~<~
@@ -216,13 +226,16 @@ async def batch_get_users(conn: DbConnection, ids: Sequence[UUID]) -> dict[UUID,
     return {row["id"]: UserRow(**dict(row)) for row in rows}
 
 
-def prefix_range(prefix: str) -> tuple[str, str | None]:
-    """[low, high) of byte-wise ordered strings that start with `prefix` (lower-cased)."""
-    low = prefix.lower()
-    last = ord(low[-1])
-    if last >= 0x10FFFF:
-        return low, None
-    return low, low[:-1] + chr(last + 1)
+@dataclass(frozen=True)
+class ListedUser:
+    user: UserRow
+    sort_key: str  # lower(username) as PostgreSQL computes it: the keyset position
+
+
+def _listed(record: asyncpg.Record) -> ListedUser:
+    fields = dict(record)
+    sort_key = fields.pop("sort_key")
+    return ListedUser(UserRow(**fields), sort_key)
 
 
 async def list_users(
@@ -231,16 +244,20 @@ async def list_users(
     after_username: str | None,
     include_inactive: bool,
     query: str,
+    identity_query: str,
     limit: int,
-) -> list[UserRow]:
+) -> list[ListedUser]:
+    """A page in lower(username) order, filtered by a prefix when `query` is set.
+
+    `identity_query` is `query` in identity form, matched against username and email.
+    """
     if query:
-        low, high = prefix_range(query)
         rows = await conn.fetch(
-            SEARCH, after_username, include_inactive, low, high or low + "\U0010ffff", limit
+            SEARCH, after_username, include_inactive, identity_query, query, limit
         )
     else:
         rows = await conn.fetch(LIST, after_username, include_inactive, limit)
-    return [UserRow(**dict(row)) for row in rows]
+    return [_listed(row) for row in rows]
 
 
 async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -> UserRow:

@@ -119,10 +119,19 @@ async def _archive(migrator: Migrator, args: argparse.Namespace) -> int:
 
 async def _restore(migrator: Migrator, args: argparse.Namespace) -> int:
     try:
-        messages = await restore_thread(migrator.connection, args.thread)
+        restored = await restore_thread(migrator.connection, args.thread)
     except ArchiveError as exc:
         raise MigrationError(str(exc)) from exc
-    print(f"restored thread {args.thread} with {messages} message(s)")
+    print(f"restored thread {args.thread} with {restored.messages} message(s)")
+    if restored.removed_messages:
+        print(
+            f"  {restored.removed_messages} message(s) by deleted users left its history "
+            f"(removal records), {restored.orphaned_replies} repl(ies) lost their parent"
+        )
+    if restored.dropped_participants:
+        print(f"  {restored.dropped_participants} deleted participant(s) dropped")
+    if restored.new_owner is not None:
+        print(f"  no active owner was left: {restored.new_owner} is now an owner")
     return 0
 
 

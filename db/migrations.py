@@ -27,6 +27,8 @@ _FILENAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 _UP = "-- migrate:up"
 _DOWN = "-- migrate:down"
 _NO_TRANSACTION = "-- migrate:no-transaction"
+_SUPERSEDES = "-- migrate:supersedes"
+_SUPERSEDES_LINE = re.compile(r"^-- migrate:supersedes (?P<checksum>[0-9a-f]{64})$")
 
 
 class MigrationFileError(ValueError):
@@ -42,6 +44,8 @@ class Migration:
     down_sql: str
     transactional: bool
     checksum: str
+    # Checksums of earlier texts this file amends (`-- migrate:supersedes`).
+    supersedes: frozenset[str] = frozenset()
 
     @property
     def filename(self) -> str:
@@ -75,6 +79,15 @@ def parse_migration(path: Path) -> Migration:
     down_sql = "\n".join(lines[down_at + 1 :]).strip()
     if not up_sql:
         raise MigrationFileError(f"{path.name}: the up part is empty")
+    supersedes = set()
+    for line in (line.strip() for line in header):
+        if line.startswith(_SUPERSEDES):
+            found = _SUPERSEDES_LINE.match(line)
+            if found is None:
+                raise MigrationFileError(
+                    f"{path.name}: '{line}' must be '{_SUPERSEDES} <sha256 in lower-case hex>'"
+                )
+            supersedes.add(found["checksum"])
     return Migration(
         version=int(match["version"]),
         name=match["name"],
@@ -83,6 +96,7 @@ def parse_migration(path: Path) -> Migration:
         down_sql=down_sql,
         transactional=not any(line.strip() == _NO_TRANSACTION for line in header),
         checksum=checksum_of(text),
+        supersedes=frozenset(supersedes),
     )
 
 

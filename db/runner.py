@@ -95,14 +95,21 @@ class Migrator:
         return [AppliedMigration(**dict(row)) for row in rows]
 
     async def problems(self) -> list[str]:
-        """Applied migrations whose file is missing or was edited after it was applied."""
+        """Applied migrations whose file is missing or was edited after it was applied.
+
+        An amended file (`-- migrate:supersedes <checksum>`) is no problem for a
+        database that applied the text it supersedes.
+        """
         found = []
         for record in await self.applied():
             migration = self._migrations.get(record.version)
             label = f"{record.version:04d}_{record.name}.sql"
             if migration is None:
                 found.append(f"{label} was applied but its file is missing")
-            elif migration.checksum != record.checksum:
+            elif (
+                migration.checksum != record.checksum
+                and record.checksum not in migration.supersedes
+            ):
                 found.append(
                     f"{migration.filename} was changed after it was applied "
                     f"(recorded checksum {record.checksum[:12]}, file now "

@@ -3,6 +3,12 @@
 -- timestamptz instead of timestamp; NOT NULL on flags, status, role and timestamps;
 -- CHECK constraints on the enumerated strings; case-insensitive unique indexes on
 -- users; an id tiebreaker in the message history indexes for keyset pagination.
+--
+-- Amended (issue 14): the down part refuses to drop tables that hold rows unless
+-- run with --allow-data-loss. The up part is unchanged, so a database that applied
+-- the earlier text (checksum below) accepts this one (db/README.md, "Amending an
+-- applied migration").
+-- migrate:supersedes 61cc73b8fd694ea7f2a24a4e2d5baa4624f7d1dcc516deef28a4fc3d617d06da
 
 -- migrate:up
 
@@ -106,6 +112,21 @@ CREATE TABLE archived_messages (LIKE messages INCLUDING ALL);
 CREATE TABLE archived_threads (LIKE threads INCLUDING ALL);
 
 -- migrate:down
+
+DO $$
+DECLARE v_rows bigint;
+BEGIN
+    SELECT (SELECT count(*) FROM users) + (SELECT count(*) FROM threads)
+         + (SELECT count(*) FROM messages) + (SELECT count(*) FROM thread_participants)
+         + (SELECT count(*) FROM message_attachments) + (SELECT count(*) FROM archived_messages)
+         + (SELECT count(*) FROM archived_threads)
+    INTO v_rows;
+    IF v_rows > 0 AND current_setting('chat.allow_data_loss', true) IS DISTINCT FROM 'on' THEN
+        RAISE EXCEPTION 'rolling back 0001 would drop every chat table, holding % rows '
+            '(users, threads, messages, participants, attachments and the archive); '
+            'rerun with --allow-data-loss to drop them', v_rows;
+    END IF;
+END $$;
 
 DROP TABLE archived_threads;
 DROP TABLE archived_messages;

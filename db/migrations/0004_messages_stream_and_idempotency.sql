@@ -8,6 +8,22 @@
 -- created_at alone is not. Stream cursors are change_seq positions.
 --
 -- squawk: ships with 0001, before any row exists (see 0003).
+--
+-- Amended (issue 14) so that `down` then `up` works on populated tables:
+-- * the up part numbers existing messages before setting NOT NULL: per thread
+--   (live and archived alike), every message's creation at created_at and, for a
+--   message changed since (updated_at later than created_at), its latest change
+--   at updated_at, are numbered 1, 2, ... in time order (creation first on a tie,
+--   then by id); seq is the creation's number, change_seq the latest event's, and
+--   the thread's last_seq the highest number (0 without messages).
+-- * the down part refuses, unless run with --allow-data-loss, to drop what that
+--   numbering would not give back: any request_id (what a retry is matched
+--   against), and positions that differ from it (a message edited twice, a
+--   removal, or an edit stamped out of order leave gaps: stream cursors handed
+--   out would point elsewhere).
+-- The schema built is unchanged, so a database that applied the earlier text
+-- (checksum below) accepts this one (db/README.md, "Amending an applied migration").
+-- migrate:supersedes ef28b7aac94572f8edf700bce2f131edea5e9cec511ca4f8bf8579a78aa66ec9
 
 -- migrate:up
 
@@ -20,6 +36,40 @@ ALTER TABLE messages ADD COLUMN request_id uuid;
 ALTER TABLE archived_messages ADD COLUMN seq bigint;
 ALTER TABLE archived_messages ADD COLUMN change_seq bigint;
 ALTER TABLE archived_messages ADD COLUMN request_id uuid;
+
+-- Positions for the rows already there (see the header; the down part checks
+-- positions against the same numbering).
+CREATE TEMPORARY TABLE chat_positions ON COMMIT DROP AS
+WITH all_messages AS (
+    SELECT false AS archived, thread_id, id, created_at, updated_at FROM messages
+    UNION ALL
+    SELECT true, thread_id, id, created_at, updated_at FROM archived_messages
+), events AS (
+    SELECT archived, thread_id, id, created_at AS at, 0 AS kind FROM all_messages
+    UNION ALL
+    SELECT archived, thread_id, id, updated_at, 1 FROM all_messages
+    WHERE updated_at <> created_at
+), numbered AS (
+    SELECT archived, thread_id, id, kind,
+           row_number() OVER (PARTITION BY archived, thread_id ORDER BY at, kind, id) AS n
+    FROM events
+)
+SELECT archived, thread_id, id, max(n) FILTER (WHERE kind = 0) AS seq, max(n) AS change_seq
+FROM numbered
+GROUP BY archived, thread_id, id;
+
+UPDATE messages m SET seq = p.seq, change_seq = p.change_seq
+FROM chat_positions p WHERE NOT p.archived AND p.id = m.id;
+UPDATE archived_messages m SET seq = p.seq, change_seq = p.change_seq
+FROM chat_positions p WHERE p.archived AND p.id = m.id;
+UPDATE threads t SET last_seq = p.last_seq
+FROM (SELECT thread_id, max(change_seq) AS last_seq FROM chat_positions
+      WHERE NOT archived GROUP BY thread_id) p
+WHERE p.thread_id = t.id;
+UPDATE archived_threads t SET last_seq = p.last_seq
+FROM (SELECT thread_id, max(change_seq) AS last_seq FROM chat_positions
+      WHERE archived GROUP BY thread_id) p
+WHERE p.thread_id = t.id;
 
 -- Rows written without positions (bulk loads, tests) get them from the thread
 -- counter under its row lock, like a send; sends set them explicitly.
@@ -159,6 +209,59 @@ BEGIN
 END $$;
 
 -- migrate:down
+
+DO $$
+DECLARE
+    v_requests bigint;
+    v_positions bigint;
+BEGIN
+    SELECT (SELECT count(*) FROM messages WHERE request_id IS NOT NULL)
+         + (SELECT count(*) FROM archived_messages WHERE request_id IS NOT NULL)
+    INTO v_requests;
+    -- Messages and threads whose positions differ from the up part's numbering.
+    WITH all_messages AS (
+        SELECT false AS archived, thread_id, id, created_at, updated_at, seq, change_seq
+        FROM messages
+        UNION ALL
+        SELECT true, thread_id, id, created_at, updated_at, seq, change_seq
+        FROM archived_messages
+    ), events AS (
+        SELECT archived, thread_id, id, created_at AS at, 0 AS kind FROM all_messages
+        UNION ALL
+        SELECT archived, thread_id, id, updated_at, 1 FROM all_messages
+        WHERE updated_at <> created_at
+    ), numbered AS (
+        SELECT archived, thread_id, id, kind,
+               row_number() OVER (PARTITION BY archived, thread_id ORDER BY at, kind, id) AS n
+        FROM events
+    ), rebuilt AS (
+        SELECT archived, thread_id, id, max(n) FILTER (WHERE kind = 0) AS seq,
+               max(n) AS change_seq
+        FROM numbered
+        GROUP BY archived, thread_id, id
+    ), rebuilt_threads AS (
+        SELECT archived, thread_id, max(change_seq) AS last_seq
+        FROM rebuilt GROUP BY archived, thread_id
+    ), all_threads AS (
+        SELECT false AS archived, id, last_seq FROM threads
+        UNION ALL
+        SELECT true, id, last_seq FROM archived_threads
+    )
+    SELECT (SELECT count(*) FROM all_messages m
+            JOIN rebuilt r ON r.archived = m.archived AND r.id = m.id
+            WHERE (r.seq, r.change_seq) IS DISTINCT FROM (m.seq, m.change_seq))
+         + (SELECT count(*) FROM all_threads t
+            LEFT JOIN rebuilt_threads r ON r.archived = t.archived AND r.thread_id = t.id
+            WHERE coalesce(r.last_seq, 0) IS DISTINCT FROM t.last_seq)
+    INTO v_positions;
+    IF v_requests + v_positions > 0
+       AND current_setting('chat.allow_data_loss', true) IS DISTINCT FROM 'on' THEN
+        RAISE EXCEPTION 'rolling back 0004 would drop % request_id(s) and the stream '
+            'positions of % message(s) or thread(s) that the up part would not number '
+            'the same (stream cursors would point elsewhere); '
+            'rerun with --allow-data-loss to drop them', v_requests, v_positions;
+    END IF;
+END $$;
 
 -- squawk-ignore ban-drop-function
 DROP FUNCTION chat_send_message(uuid, uuid, text, uuid, jsonb, uuid, jsonb);

@@ -19,6 +19,13 @@
 --
 -- squawk: message_removals is new and empty; the function replacement takes no
 -- table lock.
+--
+-- Amended (issue 14): the down part refuses to drop removal records (live or
+-- archived) unless run with --allow-data-loss: streams resuming from a cursor
+-- before a removal would miss it. The up part is unchanged, so a database that
+-- applied the earlier text (checksum below) accepts this one (db/README.md,
+-- "Amending an applied migration").
+-- migrate:supersedes 84326ab84ca537a40e5090a558bb65caa1f17017c7772bc1943330384d00b872
 
 -- migrate:up
 
@@ -168,6 +175,19 @@ BEGIN
 END $$;
 
 -- migrate:down
+
+DO $$
+DECLARE v_rows bigint;
+BEGIN
+    SELECT (SELECT count(*) FROM message_removals)
+         + (SELECT count(*) FROM archived_message_removals)
+    INTO v_rows;
+    IF v_rows > 0 AND current_setting('chat.allow_data_loss', true) IS DISTINCT FROM 'on' THEN
+        RAISE EXCEPTION 'rolling back 0008 would drop % removal record(s) (live and archived '
+            'message_removals: streams resuming before a removal would miss it); '
+            'rerun with --allow-data-loss to drop them', v_rows;
+    END IF;
+END $$;
 
 -- chat_send_message as 0004 left it.
 CREATE OR REPLACE FUNCTION chat_send_message(

@@ -118,7 +118,7 @@ async def test_archive_then_restore_gives_back_identical_rows(database_url: str)
         assert all(rows == [] for rows in gone.values())
         assert (await rows_of(conn, recent, archived=False))["messages"]  # untouched
 
-        assert await restore_thread(conn, old) == 5
+        assert (await restore_thread(conn, old)).messages == 5
         assert await rows_of(conn, old, archived=False) == before
         assert all(rows == [] for rows in (await rows_of(conn, old, archived=True)).values())
         with pytest.raises(ArchiveError):

@@ -251,8 +251,11 @@ BEGIN
     FROM messages m WHERE m.id = v_id;
 END $$;
 
+-- squawk-ignore ban-drop-function
 DROP FUNCTION chat_request_digest(uuid, uuid, text, jsonb, jsonb);
 
+-- squawk-ignore ban-drop-column
 ALTER TABLE archived_messages DROP COLUMN request_digest;
 
+-- squawk-ignore ban-drop-column
 ALTER TABLE messages DROP COLUMN request_digest;

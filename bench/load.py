@@ -19,6 +19,10 @@ import uvloop
 from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2, threads_pb2_grpc
 
 from services.messages import store
+from services.messages.settings import MessagesSettings
+
+# The byte budget the service passes with each page (LIST_RESPONSE_MAX_BYTES).
+PAGE_BYTES = MessagesSettings.model_construct().list_response_max_bytes
 
 Call = Callable[[int, int], Awaitable[object]]
 
@@ -85,7 +89,9 @@ def _sql_call(kind: str, spec: dict[str, Any], pool: asyncpg.Pool) -> Call:
 
     async def page(i: int, n: int) -> object:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(store.THREAD_PAGE, thread, *(position or (None, None)), 51)
+            rows = await conn.fetch(
+                store.THREAD_PAGE_BOUNDED, thread, *(position or (None, None)), 51, PAGE_BYTES
+            )
             return await conn.fetch(store.ATTACHMENTS_OF, [r["id"] for r in rows])
 
     return page

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
 from services.common.errors import Unavailable
 from services.common.server import Runtime, ServiceDefinition
 from services.messages.hub import StreamHub
+from services.messages.paging import (
+    PAGE_TOKEN_RESERVE,
+    largest_message_bytes,
+    repeated_field_size,
+)
 from services.messages.servicer import MessagesServicer
 from services.messages.settings import MessagesSettings
+
+log = logging.getLogger(__name__)
 
 
 async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
     settings = MessagesSettings()
+    largest = largest_message_bytes(settings)
+    if PAGE_TOKEN_RESERVE + repeated_field_size(largest) > settings.list_response_max_bytes:
+        # A page still carries one message, so such a page can exceed the budget.
+        log.warning(
+            "one message within the configured limits can be about %d bytes serialised, "
+            "more than a list page may hold (LIST_RESPONSE_MAX_BYTES=%d); a page of one "
+            "such message exceeds it",
+            largest,
+            settings.list_response_max_bytes,
+        )
     hub = StreamHub(runtime.pool, runtime.settings, settings)
     await hub.start()
 

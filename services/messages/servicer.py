@@ -36,6 +36,7 @@ from services.messages import store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
 from services.messages.hub import StreamHub
+from services.messages.paging import fit_page
 from services.messages.settings import MessagesSettings
 from services.messages.stream import stream_thread
 from services.messages.validation import (
@@ -96,10 +97,10 @@ def _position(token: str, kind: str, params: dict[str, Any]) -> Position | None:
     return None if position is None else time_id_position(position)
 
 
-def _next_token(rows: list[store.MessageRow], size: int, kind: str, params: dict[str, Any]) -> str:
-    if len(rows) <= size:
+def _token_after(last: store.MessageRow | None, kind: str, params: dict[str, Any]) -> str:
+    """The next page starts right after `last`, the last message served; "" ends the listing."""
+    if last is None:
         return ""
-    last = rows[size - 1]
     return encode_page_token(kind, params, [last.created_at.isoformat(), str(last.id)])
 
 
@@ -200,14 +201,19 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         request: ListRequest,
         check: Callable[[DbConnection], Awaitable[object]],
     ) -> tuple[list[messages_pb2.Message], str]:
-        """One keyset page of a listing: `check` runs first on the same connection."""
+        """One keyset page of a listing, bounded in rows and bytes (paging.py):
+        `check` runs first on the same connection."""
         size = page_size_of(request.page_size)
         params = {key[0]: str(key[1])}
         after = _position(request.page_token, kind, params)
+        budget = self._settings.list_response_max_bytes
         async with self._pool.acquire() as conn:
             await check(conn)
-            rows = await store.page(conn, sql, key[1], *(after or (None, None)), size + 1)
-        return [message_to_proto(r) for r in rows[:size]], _next_token(rows, size, kind, params)
+            rows, fetched = await store.bounded_page(
+                conn, sql, key[1], *(after or (None, None)), size + 1, budget
+            )
+        found, last = fit_page(rows, fetched, size, budget)
+        return found, _token_after(last, kind, params)
 
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
@@ -217,7 +223,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         found, token = await self._page(
             "history",
             ("thread", thread_id),
-            store.THREAD_PAGE,
+            store.THREAD_PAGE_BOUNDED,
             request,
             lambda conn: _thread_access(conn, caller, thread_id),
         )
@@ -231,7 +237,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         found, token = await self._page(
             "replies",
             ("parent", parent_id),
-            store.REPLIES_PAGE,
+            store.REPLIES_PAGE_BOUNDED,
             request,
             lambda conn: _message_access(conn, caller, parent_id),
         )
@@ -245,7 +251,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         if not caller.trusted and not caller.is_user(user_id):
             raise PermissionDenied("a user may only list their own messages")
         found, token = await self._page(
-            "user-history", ("user", user_id), store.USER_PAGE, request, _no_check
+            "user-history", ("user", user_id), store.USER_PAGE_BOUNDED, request, _no_check
         )
         return messages_pb2.ListUserMessagesResponse(messages=found, next_page_token=token)
 
@@ -354,15 +360,22 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         size = page_size_of(request.page_size)
         params = {"thread": str(thread_id), "contains": contains}
         after = _position(request.page_token, "search", params)
+        budget = self._settings.list_response_max_bytes
         async with self._pool.acquire() as conn:
             if thread_id is not None:
                 await _thread_access(conn, caller, thread_id)
-            rows = await store.page(
-                conn, store.SEARCH_PAGE, contains, thread_id, *(after or (None, None)), size + 1
+            rows, fetched = await store.bounded_page(
+                conn,
+                store.SEARCH_PAGE_BOUNDED,
+                contains,
+                thread_id,
+                *(after or (None, None)),
+                size + 1,
+                budget,
             )
+        found, last = fit_page(rows, fetched, size, budget)
         return messages_pb2.SearchMessagesResponse(
-            messages=[message_to_proto(r) for r in rows[:size]],
-            next_page_token=_next_token(rows, size, "search", params),
+            messages=found, next_page_token=_token_after(last, "search", params)
         )
 
     async def StreamThreadMessages(

@@ -25,6 +25,13 @@ class MessagesSettings(BaseSettings):
     # events and, past the first, about this many bytes of them.
     stream_fetch_batch: int = Field(default=200, ge=1, le=10_000, alias="STREAM_FETCH_BATCH")
     stream_fetch_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, alias="STREAM_FETCH_BYTES")
+    # A page of ListMessages, ListReplies, ListUserMessages or SearchMessages is at
+    # most this many bytes serialised (next_page_token included): it ends early,
+    # with a token, before the message that would cross it, and always holds at
+    # least one. Well under gRPC's default 4 MiB receive limit (services/messages/paging.py).
+    list_response_max_bytes: int = Field(
+        default=3 * 1024 * 1024, ge=64 * 1024, alias="LIST_RESPONSE_MAX_BYTES"
+    )
     # Streams one process serves at once; past it, opens get RESOURCE_EXHAUSTED
     # with a retry hint (another replica, or this one a little later).
     stream_max_open: int = Field(default=10_000, ge=1, alias="STREAM_MAX_OPEN")

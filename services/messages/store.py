@@ -127,6 +127,55 @@ SEARCH_PAGE = named(
     LIMIT $5
     """,
 )
+# About how large message m is once served: content, metadata as JSON text,
+# attachments' strings and metadata, and a fixed allowance per message and per
+# attachment for ids, timestamps, cursor and framing. `octet_length(content)`
+# reads a TOASTed value's size without fetching it; the JSON ones print it.
+_STORED_BYTES = """
+    octet_length(m.content) + coalesce(octet_length(m.metadata::text), 0)
+    + coalesce((SELECT sum(octet_length(a.url) + octet_length(a.type) + octet_length(a.name)
+                           + coalesce(octet_length(a.metadata::text), 0) + 128)
+                FROM message_attachments a WHERE a.message_id = m.id), 0)
+    + 256
+"""
+
+
+def _bounded(page_sql: str, order: str, max_bytes_param: int) -> str:
+    """`page_sql` (a keyset page above), stopped by bytes as well as by its LIMIT.
+
+    The page query picks its rows' ids as before (its own plan and index; only
+    ids and keys are read). The walk then sizes them one by one in page order
+    and stops after the row that brings the running total to the byte budget
+    (parameter `max_bytes_param`), so only that prefix is ever sized, fetched
+    or sent, however large the rows and page_size are. Each row also carries
+    `fetched`: how many rows the page query found, so the caller knows whether
+    rows follow the last one returned. Only this module's constant SQL and an
+    int are put in; every value is a parameter.
+    """
+    return f"""
+    WITH RECURSIVE candidates AS MATERIALIZED (
+        SELECT array_agg(p.id ORDER BY p.created_at {order}, p.id {order}) AS ids
+        FROM ({page_sql}) p
+    ), walk (n, total) AS (
+        SELECT 0, 0::bigint
+        UNION ALL
+        SELECT w.n + 1,
+               w.total + (SELECT {_STORED_BYTES} FROM messages m WHERE m.id = c.ids[w.n + 1])
+        FROM walk w, candidates c
+        WHERE w.n < cardinality(c.ids) AND w.total < ${max_bytes_param}
+    )
+    SELECT m.id, m.thread_id, m.user_id, m.content, m.parent_id, m.status, m.metadata,
+           m.created_at, m.updated_at, m.seq, m.change_seq, cardinality(c.ids) AS fetched
+    FROM walk w, candidates c, messages m
+    WHERE w.n > 0 AND m.id = c.ids[w.n]
+    ORDER BY w.n
+    """  # noqa: S608
+
+
+THREAD_PAGE_BOUNDED = named("messages.thread_page", _bounded(THREAD_PAGE, "DESC", 5))
+REPLIES_PAGE_BOUNDED = named("messages.replies_page", _bounded(REPLIES_PAGE, "ASC", 5))
+USER_PAGE_BOUNDED = named("messages.user_page", _bounded(USER_PAGE, "DESC", 5))
+SEARCH_PAGE_BOUNDED = named("messages.search_page", _bounded(SEARCH_PAGE, "DESC", 6))
 # Replay and live fetch, in commit order: a thread's stream after position $2,
 # that is every message created after it (at its seq), every later change (at
 # change_seq; edits in between collapse into the latest) and every removal from
@@ -343,9 +392,12 @@ async def get_message(conn: DbConnection, message_id: UUID) -> MessageRow | None
     return (await with_attachments(conn, [_message(record)]))[0]
 
 
-async def page(conn: DbConnection, sql: str, *args: object) -> list[MessageRow]:
-    """One page of a listing query (the SQL constants above), with attachments."""
-    return await with_attachments(conn, [_message(r) for r in await conn.fetch(sql, *args)])
+async def bounded_page(conn: DbConnection, sql: str, *args: object) -> tuple[list[MessageRow], int]:
+    """A page by a *_BOUNDED query (its last argument the byte budget), with attachments;
+    and how many rows the page query found (more than returned: the walk stopped on bytes)."""
+    records = await conn.fetch(sql, *args)
+    rows = await with_attachments(conn, [MessageRow(*tuple(r)[:11]) for r in records])
+    return rows, int(records[0]["fetched"]) if records else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,5 +537,3 @@ async def add_attachment(
     await conn.execute(TOUCH, message.id, seq)
     await _notify(conn, message.thread_id, seq)
     return _attachment(record)
-
-

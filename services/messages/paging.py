@@ -1,0 +1,90 @@
+"""Pages of messages bounded in bytes as well as rows.
+
+Within the documented limits one message can be about 1 MB serialised (see
+`largest_message_bytes`), so `page_size` alone cannot keep a page under gRPC's
+default 4 MiB receive limit. A list response (ListMessages, ListReplies,
+ListUserMessages, SearchMessages) therefore holds at most
+LIST_RESPONSE_MAX_BYTES serialised bytes, page token included: the page ends
+before the first message that would cross it, and the token continues right
+after the last message served. It always holds at least one message (one
+message fits the default budget, see the README), so paging always progresses.
+
+Two bounds work together. The store walks the page's rows in order with a
+running estimate of their stored size and stops once it reaches the budget
+(store.bounded_page), so the database and this process never read more than
+about a budget of rows whatever page_size says. Here the exact serialised size
+decides: the estimate counts metadata as JSON text, which is up to 2.75 times
+smaller than the same JSON as a protobuf Struct (a list of 0.0: 4 bytes of JSON,
+11 of protobuf), so this check, not the estimate, keeps the promise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from chat.v1 import messages_pb2
+
+from services.messages.convert import message_to_proto
+from services.messages.settings import MessagesSettings
+from services.messages.store import MessageRow
+from services.messages.validation import NAME_MAX, TYPE_MAX, URL_MAX
+
+# next_page_token is about 150 characters (kind, fingerprint, timestamp, id in
+# base64); this much of the budget is kept for it and the response's framing.
+PAGE_TOKEN_RESERVE = 512
+# A google.protobuf.Struct is at most this many times its compact JSON (what
+# MESSAGE_MAX_METADATA_BYTES counts): a list of 0.0 is 4 JSON bytes ("0.0,") and
+# 11 protobuf bytes (a Value's tag and length, a double's tag and 8 bytes).
+STRUCT_PER_JSON_BYTE = 2.75
+UTF8_MAX = 4  # limits count characters; one is at most 4 bytes of UTF-8
+
+
+def varint_size(value: int) -> int:
+    """Bytes of `value` (non-negative) as a protobuf varint."""
+    return max(1, math.ceil(value.bit_length() / 7))
+
+
+def repeated_field_size(message_size: int) -> int:
+    """What one element of a repeated message field adds to its parent: tag, length, body."""
+    return 1 + varint_size(message_size) + message_size
+
+
+def fit_page(
+    rows: Sequence[MessageRow], fetched: int, size: int, max_bytes: int
+) -> tuple[list[messages_pb2.Message], MessageRow | None]:
+    """The first of `rows` (at most `size`) whose response fits `max_bytes`, at least one.
+
+    `rows` are the page's rows in order, `fetched` how many rows the page query
+    found (at most size + 1; more than `rows` when the store stopped on bytes).
+    Returns the messages and the last row served when more rows follow it (the
+    next page token's position), else None.
+    """
+    served: list[messages_pb2.Message] = []
+    total = PAGE_TOKEN_RESERVE
+    for row in rows[:size]:
+        message = message_to_proto(row)
+        cost = repeated_field_size(message.ByteSize())
+        if served and total + cost > max_bytes:
+            break
+        served.append(message)
+        total += cost
+    more = len(served) < fetched
+    return served, rows[len(served) - 1] if served and more else None
+
+
+def largest_message_bytes(settings: MessagesSettings) -> int:
+    """An upper estimate of one Message serialised at every limit in `settings`.
+
+    Content and attachment strings at 4 bytes a character, metadata at
+    STRUCT_PER_JSON_BYTE times its JSON limit (plus slack for nesting, whose
+    lengths grow with depth), ids, timestamps, cursor and framing generously.
+    """
+    metadata = math.ceil(STRUCT_PER_JSON_BYTE * settings.max_metadata_bytes) + 1024
+    attachment = UTF8_MAX * (URL_MAX + TYPE_MAX + NAME_MAX) + metadata + 256
+    return (
+        UTF8_MAX * settings.max_content_chars
+        + metadata
+        + settings.max_attachments * repeated_field_size(attachment)
+        + 512
+    )

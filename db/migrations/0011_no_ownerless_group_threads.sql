@@ -11,8 +11,8 @@
 -- stays ownerless; nobody can see it, trusted callers can delete it.
 --
 -- DeleteUser and a deactivating UpdateUser call chat_hand_on_ownership in their
--- transaction (services/users/store.py); this migration also repairs the groups
--- that are already without an active owner.
+-- transaction, before anything else locks a thread (services/users/store.py);
+-- this migration also repairs the groups that are already without an active owner.
 
 -- migrate:up
 
@@ -54,19 +54,40 @@ BEGIN
     RETURN v_candidate;
 END $$;
 
--- Every group `p_user_id` owns gets another owner if it needs one; the user's row
--- is locked first (as chat_forget_user_messages and a send do), then the threads
--- in id order. Returns how many owners were made.
+-- A user going away (DeleteUser, or UpdateUser is_active=false) first locks their
+-- own row, then every thread they belong to or wrote in, in one pass in id order.
+-- Two departures, or a departure and a membership change (which locks the users
+-- it names before the thread: services/threads/store.py LOCK_USERS), then take
+-- their locks in one order and cannot deadlock; and a departure that could be
+-- chosen as a group's next owner waits for the other departure to commit, then
+-- sees it.
+CREATE FUNCTION chat_lock_departure(p_user_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM users u WHERE u.id = p_user_id FOR UPDATE;
+    PERFORM 1 FROM threads t
+    WHERE t.id IN (SELECT p.thread_id FROM thread_participants p WHERE p.user_id = p_user_id
+                   UNION
+                   SELECT m.thread_id FROM messages m WHERE m.user_id = p_user_id)
+    ORDER BY t.id
+    FOR UPDATE;
+END $$;
+
+-- Every group `p_user_id` belongs to gets another owner if it needs one (they may
+-- have been made owner by a departure that committed while they waited), after
+-- chat_lock_departure. Returns how many owners were made. Each statement below
+-- reads what committed before it, so nothing decided under the locks is stale.
 CREATE FUNCTION chat_hand_on_ownership(p_user_id uuid) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_thread uuid;
     v_promoted integer := 0;
 BEGIN
-    PERFORM 1 FROM users u WHERE u.id = p_user_id FOR NO KEY UPDATE;
+    PERFORM chat_lock_departure(p_user_id);
     FOR v_thread IN
         SELECT p.thread_id FROM thread_participants p
-        WHERE p.user_id = p_user_id AND p.role = 'owner'
+        JOIN threads t ON t.id = p.thread_id
+        WHERE p.user_id = p_user_id AND NOT t.is_direct
         ORDER BY p.thread_id
     LOOP
         IF chat_ensure_owner(v_thread, p_user_id) IS NOT NULL THEN
@@ -89,5 +110,7 @@ END $$;
 -- Owners made by the rule stay owners (a role is not data to take back).
 -- squawk-ignore ban-drop-function
 DROP FUNCTION chat_hand_on_ownership(uuid);
+-- squawk-ignore ban-drop-function
+DROP FUNCTION chat_lock_departure(uuid);
 -- squawk-ignore ban-drop-function
 DROP FUNCTION chat_ensure_owner(uuid, uuid);

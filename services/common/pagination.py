@@ -20,6 +20,9 @@ from services.common.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# The longest token this API hands out is far shorter (a fingerprint and a keyset
+# position); anything longer is refused before it is decoded.
+MAX_PAGE_TOKEN_CHARS = 4096
 
 
 def page_size_of(
@@ -49,16 +52,20 @@ def decode_page_token(token: str, kind: str, params: Any) -> list[Any] | None:
     """The keyset position in `token`, or None for the first page."""
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidArgument.field("page_token", "is not a page token of this method")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
         position = body["p"]
+        fingerprint = body["f"]
         valid = body["k"] == kind and isinstance(position, list) and bool(position)
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    # RecursionError: a hand-made token of thousands of nested brackets.
+    except (binascii.Error, ValueError, KeyError, TypeError, RecursionError):
         valid = False
     if not valid:
         raise InvalidArgument.field("page_token", "is not a page token of this method")
-    if body["f"] != _fingerprint(kind, params):
+    if fingerprint != _fingerprint(kind, params):
         raise InvalidArgument.field(
             "page_token", "was issued for a request with different parameters"
         )
@@ -89,9 +96,18 @@ def text_position(position: list[Any], *, max_len: int) -> str:
     if len(position) != 1 or not isinstance(position[0], str):
         raise _bad_position()
     value: str = position[0]
-    if len(value) > max_len or "\x00" in value:
+    if len(value) > max_len or "\x00" in value or not _encodable(value):
         raise _bad_position()
     return value
+
+
+def _encodable(value: str) -> bool:
+    """False for a lone surrogate (JSON can spell one; UTF-8 and PostgreSQL cannot)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def id_position(position: list[Any]) -> UUID:

@@ -121,8 +121,12 @@ class Violations:
     def check_http_url(self, value: str, field: str, *, max_len: int) -> None:
         """Empty, or an http(s) URL of at most `max_len` characters."""
         if self.check_length(value, field, max_len=max_len) and value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            try:
+                parts = urlsplit(value)
+                valid = parts.scheme in ("http", "https") and bool(parts.netloc)
+            except ValueError:  # e.g. "http://[x]/": a bracketed host that is no IPv6 address
+                valid = False
+            if not valid:
                 self.add(field, "must be an http(s) URL")
 
     def check_uuid(self, value: str, field: str) -> UUID | None:

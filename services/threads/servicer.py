@@ -3,7 +3,7 @@
 Permissions (calls with x-user-id; trusted calls may do everything): only
 participants see a thread (others get NOT_FOUND, so existence does not leak);
 owners and admins manage participants; only owners grant or revoke ownership;
-anyone may leave; the last owner cannot leave or be demoted without handing over.
+anyone may leave; the last active owner cannot leave or be demoted without handing over.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def _require_own(caller: Caller, user_id: UUID) -> None:
 
 
 async def _require_users(conn: DbConnection, user_ids: Sequence[UUID]) -> None:
-    missing = await store.missing_users(conn, user_ids)
+    """NOT_FOUND unless every user exists; they stay locked against deletion (call it
+    before locking a thread: users first, then threads, the order DeleteUser takes)."""
+    missing = await store.lock_users(conn, user_ids)
     if missing:
         names = ", ".join(map(str, missing))
         raise NotFound("user", names, f"unknown users: {names}")
@@ -245,6 +247,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         role = _role_of(request.role, "role", "member")
         caller = caller_of(context)
         async with self._pool.acquire() as conn, conn.transaction():
+            await _require_users(conn, ids)
             thread, member = await _visible_thread(conn, caller, thread_id, lock=True)
             _group_only(thread)
             _not_archived(thread)
@@ -253,7 +256,6 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
                     raise PermissionDenied("only owners and admins add participants")
                 if role == "owner" and member.role != "owner":
                     raise PermissionDenied("only an owner makes others owners")
-            await _require_users(conn, ids)
             await store.add_participants(conn, thread_id, dict.fromkeys(ids, role))
             rows = await store.participants_of(conn, thread_id, ids)
         return threads_pb2.AddParticipantsResponse(
@@ -280,9 +282,12 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
                     raise PermissionDenied("only owners and admins remove others")
                 if target.role == "owner" and member.role != "owner":
                     raise PermissionDenied("only an owner removes an owner")
-            if target.role == "owner" and await store.owner_count(conn, thread_id) == 1:
+            if (
+                target.role == "owner"
+                and await store.other_active_owners(conn, thread_id, user_id) == 0
+            ):
                 raise FailedPrecondition(
-                    "the last owner cannot leave: make another participant owner first",
+                    "the last active owner cannot leave: make another participant owner first",
                     reason="LAST_OWNER",
                     subject=f"thread/{thread_id}",
                 )
@@ -313,10 +318,10 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             if (
                 target.role == "owner"
                 and role != "owner"
-                and await store.owner_count(conn, thread_id) == 1
+                and await store.other_active_owners(conn, thread_id, user_id) == 0
             ):
                 raise FailedPrecondition(
-                    "the last owner cannot step down: make another participant owner first",
+                    "the last active owner cannot step down: make another participant owner first",
                     reason="LAST_OWNER",
                     subject=f"thread/{thread_id}",
                 )

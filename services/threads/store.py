@@ -70,12 +70,13 @@ def _participant(record: asyncpg.Record) -> ParticipantRow:
     )
 
 
-MISSING_USERS = named(
-    "threads.missing_users",
-    """
-    SELECT wanted.id FROM unnest($1::uuid[]) AS wanted(id)
-    WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = wanted.id)
-    """,
+# The users a membership change names, locked FOR KEY SHARE (in id order) for the
+# rest of the transaction, before any thread row: a racing DeleteUser (which locks
+# the user, then their threads) then waits for this change or makes it NOT_FOUND,
+# never a foreign-key violation or a deadlock. Deactivation is not blocked.
+LOCK_USERS = named(
+    "threads.lock_users",
+    "SELECT id FROM users WHERE id = ANY($1::uuid[]) ORDER BY id FOR KEY SHARE",
 )
 INSERT_GROUP = named(
     "threads.insert_group",
@@ -155,9 +156,14 @@ REMOVE = named(
     "threads.remove_participant",
     "DELETE FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
 )
-OWNERS = named(
-    "threads.owners",
-    "SELECT count(*) FROM thread_participants WHERE thread_id = $1 AND role = 'owner'",
+# Owners who can act (active users), other than $2: an inactive owner manages
+# nothing, so it does not count towards the last-owner rule.
+OTHER_ACTIVE_OWNERS = named(
+    "threads.other_active_owners",
+    """
+    SELECT count(*) FROM thread_participants p JOIN users u ON u.id = p.user_id
+    WHERE p.thread_id = $1 AND p.role = 'owner' AND u.is_active AND p.user_id <> $2
+    """,
 )
 SET_ROLE = named(
     "threads.set_role",
@@ -255,8 +261,10 @@ UNREAD_TOTALS = named(
 )
 
 
-async def missing_users(conn: DbConnection, user_ids: Sequence[UUID]) -> list[UUID]:
-    return [row["id"] for row in await conn.fetch(MISSING_USERS, list(user_ids))]
+async def lock_users(conn: DbConnection, user_ids: Sequence[UUID]) -> list[UUID]:
+    """Lock the users that exist (see LOCK_USERS); the ones that do not, in request order."""
+    found = {row["id"] for row in await conn.fetch(LOCK_USERS, list(user_ids))}
+    return [user_id for user_id in user_ids if user_id not in found]
 
 
 async def create_group(
@@ -342,8 +350,8 @@ async def remove_participant(conn: DbConnection, thread_id: UUID, user_id: UUID)
     await notify_membership(conn, thread_id, user_id)
 
 
-async def owner_count(conn: DbConnection, thread_id: UUID) -> int:
-    return int(await conn.fetchval(OWNERS, thread_id))
+async def other_active_owners(conn: DbConnection, thread_id: UUID, user_id: UUID) -> int:
+    return int(await conn.fetchval(OTHER_ACTIVE_OWNERS, thread_id, user_id))
 
 
 async def set_role(conn: DbConnection, thread_id: UUID, user_id: UUID, role: str) -> ParticipantRow:

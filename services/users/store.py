@@ -292,8 +292,9 @@ async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -
 
 async def delete_user(conn: DbConnection, user_id: UUID) -> None:
     """Delete in the caller's transaction (the statements must commit together)."""
-    await conn.execute(FORGET_MESSAGES, user_id)
+    # Hand-on first: it takes every lock the deletion needs, in one order.
     await conn.execute(HAND_ON_OWNERSHIP, user_id)
+    await conn.execute(FORGET_MESSAGES, user_id)
     status = await conn.execute(DELETE, user_id)
     if status == "DELETE 0":
         raise NotFound("user", str(user_id))

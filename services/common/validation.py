@@ -64,6 +64,24 @@ def is_noncharacter(code_point: int) -> bool:
     return 0xFDD0 <= code_point <= 0xFDEF or code_point & 0xFFFE == 0xFFFE
 
 
+# Letters that render as nothing (Hangul fillers, the braille blank) and the
+# combining grapheme joiner: not in the refused categories, but a name of them
+# alone looks empty, and inside a name they hide in plain sight.
+BLANK_NAME_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
+# What makes a character visible: letters, numbers, punctuation, symbols (a mark or
+# a space alone shows nothing).
+_VISIBLE_CATEGORY_HEADS = frozenset("LNPS")
+
+
+def has_visible_character(value: str) -> bool:
+    """True if some character of `value` shows (not only spaces, blanks and marks)."""
+    return any(
+        unicodedata.category(char)[0] in _VISIBLE_CATEGORY_HEADS
+        and char not in BLANK_NAME_CHARACTERS
+        for char in value
+    )
+
+
 def refused_name_character(value: str) -> str | None:
     """Why the first character `value` must not contain is refused, or None if none is.
 
@@ -76,6 +94,8 @@ def refused_name_character(value: str) -> str | None:
                 return f"control character U+{ord(char):04X}"
         return None
     for char in value:
+        if char in BLANK_NAME_CHARACTERS:
+            return f"blank character U+{ord(char):04X}"
         category = unicodedata.category(char)
         if category in REFUSED_NAME_CATEGORIES:
             return f"{_CATEGORY_WORDS[category]} character U+{ord(char):04X}"
@@ -115,6 +135,9 @@ class Violations:
         refused = refused_name_character(value)
         if refused is not None:
             self.add(field, f"must not contain {refused}")
+            return False
+        if value and not has_visible_character(value):
+            self.add(field, "must contain a visible character (not only spaces or blanks)")
             return False
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,10 @@ URL_MAX = 255
 TYPE_MAX = 50
 NAME_MAX = 255
 SIZE_MAX = 2**31 - 1
+# An attachment's type (a media type like image/png, or a caller's own word like
+# "file"): printable ASCII, no leading or trailing space; so no controls, escape
+# sequences or bidi tricks reach a client that shows it.
+MEDIA_TYPE = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 
 
 def check_content(v: Violations, content: str, settings: MessagesSettings, field: str) -> None:
@@ -52,8 +57,11 @@ def attachment_of(
     v.check_http_url(a.url, f"{field}.url", max_len=URL_MAX)
     if not a.url:
         v.add(f"{field}.url", "is required")
-    if v.check_length(a.type, f"{field}.type", max_len=TYPE_MAX) and not a.type:
-        v.add(f"{field}.type", "is required")
+    if v.check_length(a.type, f"{field}.type", max_len=TYPE_MAX):
+        if not a.type:
+            v.add(f"{field}.type", "is required")
+        elif not MEDIA_TYPE.fullmatch(a.type):
+            v.add(f"{field}.type", "must be printable ASCII, like image/png")
     if v.check_name(a.name, f"{field}.name", max_len=NAME_MAX) and not a.name:
         v.add(f"{field}.name", "is required")
     if not 0 <= a.size <= SIZE_MAX:

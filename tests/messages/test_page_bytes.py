@@ -125,7 +125,7 @@ def largest_request(
     metadata = SHAPES[shape]
     attachment = messages_pb2.Attachment(
         url=wide("https://example.com/", URL_MAX),
-        type=wide("image/", TYPE_MAX),
+        type="image/" + "x" * (TYPE_MAX - len("image/")),  # printable ASCII only
         name=wide("", NAME_MAX),
         size=2**31 - 1,
         metadata=metadata(),

@@ -18,7 +18,7 @@ import sys
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -33,7 +33,11 @@ from chat.v1 import (
 from google.protobuf import field_mask_pb2
 
 from services.common.settings import ServiceSettings
-from services.common.validation import Violations, refused_name_character
+from services.common.validation import (
+    BLANK_NAME_CHARACTERS,
+    Violations,
+    refused_name_character,
+)
 from services.messages.service import DEFINITION as MESSAGES
 from services.threads.service import DEFINITION as THREADS
 from services.users.validation import check_email, check_username
@@ -419,10 +423,37 @@ def test_refused_name_characters_are_exactly_the_categories() -> None:
         char = chr(cp)
         category = unicodedata.category(char)
         noncharacter = 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE
-        expected = category in {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"} or noncharacter
+        blank = char in BLANK_NAME_CHARACTERS
+        expected = category in {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"} or noncharacter or blank
         assert (refused_name_character(f"a{char}b") is not None) == expected, hex(cp)
         refused += expected
-    assert refused == 65 + 163 + 2_048 + 137_468 + 1 + 1 + 66
+    assert refused == 65 + 163 + 2_048 + 137_468 + 1 + 1 + 66 + len(BLANK_NAME_CHARACTERS)
+
+
+# Names a reader sees as empty, though no character is in a refused category.
+INVISIBLE_NAMES = {
+    "spaces": "   ",
+    "no-break spaces": "\u00a0\u00a0",
+    "ideographic space": "\u3000",
+    "em spaces": "\u2003\u2003",
+    "combining marks only": "\u0301" * 99,
+    "variation selector only": "\ufe0f",
+    "HANGUL FILLER": "\u3164",
+    "HALFWIDTH HANGUL FILLER": "\uffa0",
+    "HANGUL CHOSEONG FILLER": "\u115f",
+    "BRAILLE PATTERN BLANK": "\u2800",
+    "COMBINING GRAPHEME JOINER": "\u034f",
+    "filler between spaces": " \u3164 ",
+}
+
+
+def test_names_a_reader_sees_as_empty_are_refused() -> None:
+    for label, name in INVISIBLE_NAMES.items():
+        violations = Violations()
+        assert not violations.check_name(name, "name", max_len=255), label
+    for name in [*GOOD_NAMES, "❤️ Ann", "Ann 👩", "١٢٣", "-"]:
+        violations = Violations()
+        assert violations.check_name(name, "name", max_len=255), name
 
 
 async def test_names_refuse_control_format_and_bidi_characters(
@@ -521,3 +552,46 @@ async def test_names_refuse_control_format_and_bidi_characters(
             messages_pb2.AddAttachmentRequest(message_id=sent.id, attachment=attachment(name))
         )
         assert added.attachment.name == name
+
+
+async def test_invisible_names_and_control_characters_in_media_types_are_refused(
+    services: Services, db_pool: asyncpg.Pool
+) -> None:
+    users, threads, messages = services.users, services.threads, services.messages
+    owner = await create(users, "owner")
+    err = await error_of(
+        users.CreateUser(
+            users_pb2.CreateUserRequest(
+                user=users_pb2.User(username="blank", email="blank@x.io", first_name="\u3164")
+            )
+        )
+    )
+    assert err.code() == INVALID and violated_fields(err) == {"user.first_name"}
+    err = await error_of(
+        threads.CreateThread(threads_pb2.CreateThreadRequest(name="   ", creator_id=owner.id))
+    )
+    assert err.code() == INVALID and violated_fields(err) == {"name"}
+    thread = (
+        await threads.CreateThread(threads_pb2.CreateThreadRequest(name="t", creator_id=owner.id))
+    ).thread
+
+    def send(media_type: str) -> Any:
+        return messages.SendMessage(
+            messages_pb2.SendMessageRequest(
+                thread_id=thread.id,
+                user_id=owner.id,
+                content="file",
+                attachments=[
+                    messages_pb2.Attachment(
+                        url="https://x.io/a", type=media_type, name="a.txt", size=1
+                    )
+                ],
+            )
+        )
+
+    for bad in ["text/plain\x1b[31m", "text/\u202eexe", "\x07", " text", "text/plain\n", "тext"]:
+        err = await error_of(send(bad))
+        assert err.code() == INVALID and violated_fields(err) == {"attachments[0].type"}, bad
+    assert await db_pool.fetchval("SELECT count(*) FROM messages") == 0
+    for good in ["image/png", "text/plain; charset=utf-8", "file", "t"]:
+        await send(good)

@@ -52,14 +52,15 @@ def _identity(
 ) -> str | None:
     """`value` in identity form, or None after adding the violation.
 
-    The length is checked before normalising (NFKC never shortens a value that
-    ends up ASCII, so a longer one is refused anyway) and again after (it may
-    lengthen: U+3392 is "MHz").
+    The longest allowed length is checked before normalising (NFKC never shortens
+    a value that ends up ASCII, so a longer one is refused anyway, and the
+    normalisation never sees an unbounded input) and both bounds after (it may
+    lengthen: U+3392 is "MHz", so "㎒" is the username MHz).
     """
     if not value:
         violations.add(field, "is required")
         return None
-    if not violations.check_length(value, field, min_len=min_len, max_len=max_len):
+    if not violations.check_length(value, field, max_len=max_len):
         return None
     normal = identity_form(value)
     if not normal.isascii():

@@ -595,3 +595,10 @@ async def test_invisible_names_and_control_characters_in_media_types_are_refused
     assert await db_pool.fetchval("SELECT count(*) FROM messages") == 0
     for good in ["image/png", "text/plain; charset=utf-8", "file", "t"]:
         await send(good)
+
+
+def test_the_shortest_length_is_checked_on_the_identity_form() -> None:
+    """ "㎒" is one character but the username MHz: the minimum applies after NFKC."""
+    violations = Violations()
+    assert check_username(violations, "\u3392") == "MHz"
+    assert check_username(violations, "\uff4d\uff48") is None  # fullwidth "mh": 2 characters

@@ -170,15 +170,52 @@ class ResourceExhausted(DomainError):
         super().__init__(message, reason=reason)
 
     def extra_details(self) -> Iterable[object]:
-        if self.retry_after_s is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
-            yield error_details_pb2.RetryInfo(retry_delay=delay)
+        yield from _retry_info(self.retry_after_s)
+
+
+def _retry_info(retry_after_s: float | None) -> Iterable[object]:
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after_s * 1e9))
+        yield error_details_pb2.RetryInfo(retry_delay=delay)
 
 
 class Unavailable(DomainError):
+    """Retry with backoff; `retry_after_s` adds a google.rpc.RetryInfo hint."""
+
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, reason=reason)
+
+    def extra_details(self) -> Iterable[object]:
+        yield from _retry_info(self.retry_after_s)
+
+
+class Aborted(DomainError):
+    """A concurrency conflict (e.g. a row lock not granted in time): nothing was
+    written; retry the call, after `retry_after_s` (a google.rpc.RetryInfo)."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, reason=reason)
+
+    def extra_details(self) -> Iterable[object]:
+        yield from _retry_info(self.retry_after_s)
+
+
+class DeadlineExceeded(DomainError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
 
 
 class Unimplemented(DomainError):

@@ -3,8 +3,10 @@
 For every RPC it (1) checks the calling service's bearer token when AUTH_TOKENS
 is set, then that the end user named by `x-user-id` may act (the service
 passes the check), (2) turns domain errors into gRPC statuses with rich details, database
-outages into UNAVAILABLE and anything unexpected into a bare INTERNAL (the cause
-is logged, never sent), and (3) logs method, status code and duration.
+outages into UNAVAILABLE, a database wait that ran into its bound into its
+documented status (`_bounded_wait_error`) and anything unexpected into a bare
+INTERNAL (the cause is logged, never sent), and (3) logs method, status code and
+duration.
 
 A call's context is only touched while its RPC is running. grpcio releases the
 core call as soon as the RPC's task ends (its `finally` in `_schedule_rpc_coro`
@@ -28,15 +30,18 @@ import hmac
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 from google.protobuf.message import DecodeError
 
 from services.common import interrupts
 from services.common.errors import (
+    Aborted,
+    DeadlineExceeded,
     DomainError,
     Internal,
     InvalidArgument,
@@ -45,7 +50,7 @@ from services.common.errors import (
     Unimplemented,
 )
 from services.common.metrics import observe_rpc
-from services.common.pool import CONNECTION_ERRORS
+from services.common.pool import CONNECTION_ERRORS, PoolAcquireTimeout, RowLockWaitTimeout
 from services.common.types import Context
 
 log = logging.getLogger("services.rpc")
@@ -269,6 +274,11 @@ def _classify(
         return exc.code, exc
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, Unimplemented(f"{method} is not implemented")
+    bounded = _bounded_wait_error(exc)
+    if bounded is not None:
+        cause, error = bounded
+        log.warning("%s during %s: %s: %s", error.reason, method, type(cause).__name__, cause)
+        return error.code, error
     lost = _connection_error_in(exc)
     if lost is not None:
         log.warning("database unavailable during %s: %s: %s", method, type(lost).__name__, lost)
@@ -281,6 +291,50 @@ def _classify(
     return grpc.StatusCode.UNKNOWN, None
 
 
+# The RetryInfo delay of a call refused for a busy pool or a lock not granted in time.
+RETRY_AFTER_S = 1.0
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+
+
+def _bounded_wait_error(exc: BaseException) -> tuple[BaseException, DomainError] | None:
+    """The documented status of a database wait that ran into its bound, if `exc` is one.
+
+    A stalled server (no answer within DB_COMMAND_TIMEOUT) and a connection that
+    could not be opened in time are outages: `_connection_error_in`.
+    """
+    for cause in _causes(exc):
+        if isinstance(cause, asyncpg.LockNotAvailableError | RowLockWaitTimeout):
+            return cause, Aborted(
+                "a row this call needs stayed locked by another transaction "
+                "(DB_LOCK_TIMEOUT); nothing was written, retry",
+                reason="LOCK_TIMEOUT",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        if isinstance(cause, PoolAcquireTimeout) and cause.busy:
+            return cause, Unavailable(
+                "every database connection of this server is in use "
+                "(DB_POOL_ACQUIRE_TIMEOUT); retry with backoff",
+                reason="DATABASE_BUSY",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        if isinstance(cause, asyncpg.QueryCanceledError) and "statement timeout" in str(cause):
+            return cause, DeadlineExceeded(
+                "a statement ran longer than the server allows (DB_STATEMENT_TIMEOUT); "
+                "nothing was written",
+                reason="STATEMENT_TIMEOUT",
+            )
+    return None
+
+
 def _connection_error_in(exc: BaseException) -> BaseException | None:
     """`exc` if it is a lost database connection, or the one it was raised while handling.
 
@@ -289,13 +343,9 @@ def _connection_error_in(exc: BaseException) -> BaseException | None:
     underlying connection is closed"), raised while the connection error that
     caused it propagated: an outage all the same, not a bug.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, CONNECTION_ERRORS):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+    for cause in _causes(exc):
+        if isinstance(cause, CONNECTION_ERRORS):
+            return cause
     return None
 
 

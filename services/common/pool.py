@@ -1,15 +1,66 @@
-"""The one asyncpg pool per process, and how connection failures are described."""
+"""The one asyncpg pool per process, and how connection failures are described.
+
+Every wait on the database through the pool is bounded (README, "Configuration"):
+
+- a statement: PostgreSQL's `statement_timeout` (DB_STATEMENT_TIMEOUT) cancels it
+  on the server, which answers `query_canceled`; the connection stays usable;
+- a lock: `lock_timeout` (DB_LOCK_TIMEOUT) ends the wait with `lock_not_available`;
+- a server that accepted the connection but answers nothing (stalled, or the
+  network to it): asyncpg's `command_timeout` (DB_COMMAND_TIMEOUT, by default a
+  second above the statement timeout, so a live server always answers first)
+  raises TimeoutError, and the connection is closed at once (`_close_if_unanswered`):
+  asyncpg would otherwise send a CancelRequest over a new connection and wait as
+  long again for it, and a connection whose statement may still be running is
+  never handed out again;
+- a free connection: every acquire waits at most DB_POOL_ACQUIRE_TIMEOUT
+  (`BoundedPool`), which also bounds how long a release waits for a cancelled
+  statement before it closes the connection;
+- one row lock cannot take the pool: at most DB_ROW_LOCK_WAITERS calls of a
+  process hold a connection for work that waits on the same row
+  (`acquire(locking=key)`); the others wait in the process, without a
+  connection, for at most DB_LOCK_TIMEOUT (`RowLockWaitTimeout`).
+
+The RPC's own deadline needs nothing here: gRPC cancels the handler when it
+passes, and asyncpg turns that into a CancelRequest for the running statement.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import weakref
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from services.common.metrics import observe_query
 from services.common.settings import DatabaseSettings
+
+
+class PoolAcquireTimeout(TimeoutError):
+    """No pooled connection became free within DB_POOL_ACQUIRE_TIMEOUT.
+
+    `busy`: every connection of the pool was open and in use (the pool is
+    exhausted), rather than a new connection not being opened in time.
+    A TimeoutError, so code outside RPCs treats it as an outage like any other.
+    """
+
+    def __init__(self, timeout_s: float, *, busy: bool) -> None:
+        self.busy = busy
+        state = "every connection is in use" if busy else "no connection could be opened"
+        super().__init__(f"no database connection within {timeout_s:g}s ({state})")
+
+
+class RowLockWaitTimeout(Exception):
+    """A call waited DB_LOCK_TIMEOUT in the process for its turn at a row lock."""
+
+    def __init__(self, key: Hashable, timeout_s: float) -> None:
+        self.key = key
+        super().__init__(f"waited {timeout_s:g}s for the row lock of {key}")
+
 
 # Failures that mean "the database cannot be reached right now" rather than a bug:
 # the service answers UNAVAILABLE for them and the CLI prints one line.
@@ -63,6 +114,32 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+def _close_if_unanswered(conn: asyncpg.Connection) -> Any:
+    """A query logger for a pooled connection: a statement that got no answer in
+    time (command_timeout) closes the connection.
+
+    The logger runs on the loop right after the statement raised, before the
+    caller's ROLLBACK or the pool's release could wait on the connection again.
+    """
+    ref = weakref.ref(conn)
+
+    def close(record: Any) -> None:
+        connection = ref()
+        if (
+            isinstance(record.exception, TimeoutError)
+            and connection is not None
+            and not connection.is_closed()
+        ):
+            connection.terminate()
+
+    return close
+
+
+async def _init_pooled_connection(conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    conn.add_query_logger(_close_if_unanswered(conn))
+
+
 def connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[str, Any]:
     return {
         "dsn": settings.require_url(),
@@ -72,21 +149,158 @@ def connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[st
     }
 
 
+def _milliseconds(seconds: float) -> str:
+    return str(round(seconds * 1000))
+
+
+def bounded_connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[str, Any]:
+    """`connect_kwargs` with the statement, lock and stall timeouts of the services' pool."""
+    kwargs = connect_kwargs(settings, application_name)
+    kwargs["server_settings"] = {
+        **kwargs["server_settings"],
+        # Session defaults set at connection start: asyncpg's reset on release
+        # (RESET ALL) returns to them, so no call can leave them changed.
+        "statement_timeout": _milliseconds(settings.statement_timeout_s),
+        "lock_timeout": _milliseconds(settings.lock_timeout_s),
+    }
+    kwargs["command_timeout"] = settings.client_command_timeout()
+    return kwargs
+
+
 async def connect(settings: DatabaseSettings, application_name: str) -> asyncpg.Connection:
-    """A single connection with the pool's codecs (CLI tools, listeners)."""
+    """A single connection with the pool's codecs (CLI tools, listeners); no timeouts."""
     conn: asyncpg.Connection = await asyncpg.connect(**connect_kwargs(settings, application_name))
     await _init_connection(conn)
     return conn
 
 
-async def create_pool(settings: DatabaseSettings, application_name: str) -> asyncpg.Pool:
-    """The process's pool: spec defaults of 20 connections, 30 s idle, 2 s connect."""
-    pool: asyncpg.Pool = await asyncpg.create_pool(
-        **connect_kwargs(settings, application_name),
+@dataclass
+class _Slot:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # holders and waiters: the slot is dropped when none is left
+
+
+class KeyedGate:
+    """At most `limit` holders per key at once; the others wait, each at most `timeout_s`."""
+
+    def __init__(self, limit: int, timeout_s: float | None) -> None:
+        self._limit = limit
+        self._timeout_s = timeout_s
+        self._slots: dict[Hashable, _Slot] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    async def enter(self, key: Hashable) -> None:
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(asyncio.Semaphore(self._limit))
+        slot.users += 1
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await slot.semaphore.acquire()
+        except TimeoutError as exc:
+            self._forget(key, slot)
+            raise RowLockWaitTimeout(key, self._timeout_s or 0.0) from exc
+        except BaseException:
+            self._forget(key, slot)
+            raise
+
+    def leave(self, key: Hashable) -> None:
+        slot = self._slots[key]
+        slot.semaphore.release()
+        self._forget(key, slot)
+
+    def _forget(self, key: Hashable, slot: _Slot) -> None:
+        slot.users -= 1
+        if slot.users == 0:
+            del self._slots[key]
+
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    _AcquireContext: TypeAlias = PoolAcquireContext[asyncpg.Record]
+else:
+    _AcquireContext = PoolAcquireContext
+
+
+class _BoundedAcquire(_AcquireContext):
+    """asyncpg's acquire context, with the pool-exhaustion error and the row gate."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, pool: BoundedPool, timeout: float, key: Hashable | None) -> None:
+        super().__init__(pool, timeout)
+        self._key = key
+
+    async def __aenter__(self) -> PoolConnectionProxy[asyncpg.Record]:
+        pool = self.pool
+        assert isinstance(pool, BoundedPool)
+        if self._key is not None:
+            await pool.row_gate.enter(self._key)
+        try:
+            try:
+                return await super().__aenter__()
+            except TimeoutError as exc:
+                raise pool.acquire_timeout_error(self.timeout) from exc
+        except BaseException:
+            if self._key is not None:
+                pool.row_gate.leave(self._key)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await super().__aexit__(*exc)
+        finally:
+            if self._key is not None:
+                assert isinstance(self.pool, BoundedPool)
+                self.pool.row_gate.leave(self._key)
+
+
+class BoundedPool(asyncpg.Pool):
+    """asyncpg's pool whose every acquire waits at most DB_POOL_ACQUIRE_TIMEOUT.
+
+    `acquire(locking=key)` (with `async with`) is for work that will wait on the
+    row lock `key` (e.g. a thread's id): see the module docstring.
+    """
+
+    __slots__ = ("_acquire_timeout_s", "row_gate")
+
+    def __init__(
+        self, *args: Any, acquire_timeout_s: float, row_gate: KeyedGate, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout_s = acquire_timeout_s
+        self.row_gate = row_gate
+
+    def acquire(
+        self, *, timeout: float | None = None, locking: Hashable | None = None
+    ) -> PoolAcquireContext[asyncpg.Record]:
+        return _BoundedAcquire(
+            self, self._acquire_timeout_s if timeout is None else timeout, locking
+        )
+
+    def acquire_timeout_error(self, timeout_s: float | None) -> PoolAcquireTimeout:
+        busy = self.get_idle_size() == 0 and self.get_size() >= self.get_max_size()
+        return PoolAcquireTimeout(timeout_s or 0.0, busy=busy)
+
+
+async def create_pool(settings: DatabaseSettings, application_name: str) -> BoundedPool:
+    """The process's pool: spec defaults of 20 connections, 30 s idle, 2 s connect,
+    and the bounded waits of the module docstring."""
+    pool = BoundedPool(
+        **bounded_connect_kwargs(settings, application_name),
         min_size=min(settings.pool_min_size, settings.pool_max_size),
         max_size=settings.pool_max_size,
         # Idle connections are closed after this long (the spec's idleTimeoutMillis).
         max_inactive_connection_lifetime=settings.pool_idle_timeout_s,
-        init=_init_connection,
+        init=_init_pooled_connection,
+        # asyncpg.create_pool's defaults, which the constructor does not have.
+        max_queries=50000,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        acquire_timeout_s=settings.pool_acquire_timeout_s,
+        row_gate=KeyedGate(settings.row_lock_waiters, settings.lock_timeout_s or None),
     )
+    await pool
     return pool

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import grpc
 import uvloop
 from chat.v1 import admin_pb2_grpc
@@ -33,7 +32,13 @@ from services.common.identity import require_active_caller
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint
-from services.common.pool import CONNECT_FAILURES, create_pool, describe_connect_error
+from services.common.pool import (
+    CONNECT_FAILURES,
+    BoundedPool,
+    connect,
+    create_pool,
+    describe_connect_error,
+)
 from services.common.settings import MissingDatabaseUrl, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,7 @@ class Runtime:
 
     name: str
     settings: ServiceSettings
-    pool: asyncpg.Pool
+    pool: BoundedPool
     stopping_hooks: list[ShutdownHook] = field(default_factory=list)
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     # Service-owned objects worth reaching from tests and tooling (e.g. the stream hub).
@@ -193,7 +198,7 @@ async def start_service(
     for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watch = DatabaseHealthWatch(
-        pool,
+        functools.partial(connect, settings, f"chat-{definition.name}-health"),
         health_servicer,
         names,
         interval_s=settings.health_check_interval_s,

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_PORTS = {"users": 50051, "threads": 50052, "messages": 50053}
 # Default Prometheus /metrics ports, one per service.
 DEFAULT_METRICS_PORTS = {"users": 9101, "threads": 9102, "messages": 9103}
+# How much longer than DB_STATEMENT_TIMEOUT the client waits for an answer by
+# default before it decides the server stalled (DB_COMMAND_TIMEOUT unset).
+STALL_MARGIN_S = 1.0
 
 
 class DatabaseSettings(BaseSettings):
@@ -32,9 +35,34 @@ class DatabaseSettings(BaseSettings):
     # asyncpg's per-connection prepared statement cache (the spec's "use prepared
     # statements"): statements are prepared once per connection and reused.
     statement_cache_size: int = Field(default=256, ge=0, alias="DB_STATEMENT_CACHE_SIZE")
+    # Every wait on the database is bounded (the services' pool only; the
+    # command-line tools and the LISTEN connection are not limited by these).
+    # PostgreSQL's statement_timeout and lock_timeout of every pooled connection
+    # (0 = off): a statement running longer is cancelled by the server, a wait for
+    # a row or table lock longer fails with lock_not_available.
+    statement_timeout_s: float = Field(default=5.0, ge=0, alias="DB_STATEMENT_TIMEOUT")
+    lock_timeout_s: float = Field(default=2.0, ge=0, alias="DB_LOCK_TIMEOUT")
+    # Longest wait for a free pooled connection.
+    pool_acquire_timeout_s: float = Field(default=2.0, gt=0, alias="DB_POOL_ACQUIRE_TIMEOUT")
+    # Client side: a statement the server has not answered after this long means
+    # the server (or the network to it) stalled; the connection is closed. Unset:
+    # DB_STATEMENT_TIMEOUT + 1 s, so a live server always cancels first.
+    command_timeout_s: float | None = Field(default=None, gt=0, alias="DB_COMMAND_TIMEOUT")
+    # Calls of one process that may hold a pooled connection while they wait for
+    # the same row lock (a thread's); the others queue in the process, without a
+    # connection, for at most DB_LOCK_TIMEOUT. One locked row then cannot take the pool.
+    row_lock_waiters: int = Field(default=4, ge=1, alias="DB_ROW_LOCK_WAITERS")
     # Where `make run` / `python -m db` keep the embedded server's data when
     # DATABASE_URL is unset. Relative paths are taken from the working directory.
     embedded_pgdata: str = Field(default=".data/postgres", alias="EMBEDDED_PGDATA")
+
+    def client_command_timeout(self) -> float | None:
+        """DB_COMMAND_TIMEOUT, or DB_STATEMENT_TIMEOUT + 1 s (none when both are off)."""
+        if self.command_timeout_s is not None:
+            return self.command_timeout_s
+        if self.statement_timeout_s > 0:
+            return self.statement_timeout_s + STALL_MARGIN_S
+        return None
 
     def with_url(self, url: str) -> DatabaseSettings:
         return self.model_copy(update={"database_url": SecretStr(url)})

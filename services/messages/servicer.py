@@ -30,6 +30,7 @@ from services.common.pagination import (
     page_size_of,
     time_id_position,
 )
+from services.common.pool import BoundedPool
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
 from services.messages import store
@@ -105,7 +106,7 @@ def _token_after(last: store.MessageRow | None, kind: str, params: dict[str, Any
 
 
 class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, hub: StreamHub, settings: MessagesSettings) -> None:
+    def __init__(self, pool: BoundedPool, hub: StreamHub, settings: MessagesSettings) -> None:
         self._pool = pool
         self._hub = hub
         self._settings = settings
@@ -131,7 +132,9 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         caller = caller_of(context)
         if not caller.trusted and not caller.is_user(user_id):
             raise PermissionDenied("a user may only send as themselves")
-        async with self._pool.acquire() as conn:
+        # A send waits for its thread's row lock: at most DB_ROW_LOCK_WAITERS per thread
+        # hold a connection for it (services/common/pool.py).
+        async with self._pool.acquire(locking=thread_id) as conn:
             for attempt in range(2):
                 try:
                     outcome, message = await store.send(
@@ -270,7 +273,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             metadata = metadata_of(v, request.message.metadata, self._settings, "message.metadata")
         v.raise_if_any()
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=message_id) as conn, conn.transaction():
             await store.lock_thread_of(conn, message_id)
             message, _ = await _message_access(conn, caller, message_id, to_change=True)
             if not caller.trusted and not caller.is_user(message.user_id):
@@ -293,7 +296,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.DeleteMessageResponse:
         message_id = parse_uuid(request.id, "id")
         caller = caller_of(context)
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(locking=message_id) as conn:
             try:
                 async with conn.transaction():
                     await store.lock_thread_of(conn, message_id)
@@ -315,7 +318,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         attachment = attachment_of(v, request.attachment, self._settings, "attachment")
         v.raise_if_any()
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=message_id) as conn, conn.transaction():
             await store.lock_thread_of(conn, message_id)
             message, _ = await _message_access(conn, caller, message_id, to_change=True)
             if not caller.trusted and not caller.is_user(message.user_id):

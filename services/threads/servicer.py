@@ -208,7 +208,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             violations.check_name(request.thread.name, "thread.name", max_len=NAME_MAX)
         violations.raise_if_any()
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
             thread, member = await _visible_thread(conn, caller, thread_id, lock=True)
             if member is not None and member.role not in MANAGERS:
                 raise PermissionDenied("only owners and admins change a thread")
@@ -230,7 +230,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     ) -> threads_pb2.DeleteThreadResponse:
         thread_id = parse_uuid(request.id, "id")
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
             _, member = await _visible_thread(conn, caller, thread_id, lock=True)
             if member is not None and member.role != "owner":
                 raise PermissionDenied("only an owner deletes a thread")
@@ -246,7 +246,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             raise InvalidArgument.field("user_ids", "name at least one user")
         role = _role_of(request.role, "role", "member")
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
             await _require_users(conn, ids)
             thread, member = await _visible_thread(conn, caller, thread_id, lock=True)
             _group_only(thread)
@@ -268,7 +268,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         user_id = parse_uuid(request.user_id, "user_id")
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
             thread, member = await _visible_thread(conn, caller, thread_id, lock=True)
             target = await store.membership(conn, thread_id, user_id)
             if target is None:
@@ -303,7 +303,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             raise InvalidArgument.field("role", "is required")
         role = _role_of(request.role, "role", "member")
         caller = caller_of(context)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
             thread, member = await _visible_thread(conn, caller, thread_id, lock=True)
             target = await store.membership(conn, thread_id, user_id)
             if target is None:
@@ -356,7 +356,8 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         read_at = (
             parse_timestamp(request.read_at, "read_at") if request.HasField("read_at") else None
         )
-        async with self._pool.acquire() as conn:
+        # Waits for the thread row (a share lock, see store.MARK_READ).
+        async with self._pool.acquire(locking=thread_id) as conn:
             row = await store.mark_read(conn, thread_id, user_id, read_at)
         return threads_pb2.MarkReadResponse(participant=participant_to_proto(row))
 

@@ -312,6 +312,15 @@ def _bounded_wait_error(exc: BaseException) -> tuple[BaseException, DomainError]
     could not be opened in time are outages: `_connection_error_in`.
     """
     for cause in _causes(exc):
+        if isinstance(cause, RowLockWaitTimeout) and cause.ahead is not None:
+            # Its turn never came: it ends as the call ahead of it did when that
+            # one found the database or the pool unavailable, else as a lock timeout.
+            ahead = _bounded_wait_error(cause.ahead)
+            if ahead is not None and ahead[1].code == grpc.StatusCode.UNAVAILABLE:
+                return ahead
+            lost = _connection_error_in(cause.ahead)
+            if lost is not None:
+                return lost, Unavailable("the database is unavailable; retry with backoff")
         if isinstance(cause, asyncpg.LockNotAvailableError | RowLockWaitTimeout):
             return cause, Aborted(
                 "a row this call needs stayed locked by another transaction "

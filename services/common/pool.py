@@ -18,7 +18,9 @@ Every wait on the database through the pool is bounded (README, "Configuration")
 - one row lock cannot take the pool: at most DB_ROW_LOCK_WAITERS calls of a
   process hold a connection for work that waits on the same row
   (`acquire(locking=key)`); the others wait in the process, without a
-  connection, for at most DB_LOCK_TIMEOUT (`RowLockWaitTimeout`).
+  connection, for at most DB_LOCK_TIMEOUT, and then end the way the next call
+  ahead of them ends (`RowLockWaitTimeout`): a lock timeout when the row stayed
+  locked, an outage when the database does not answer.
 
 The RPC's own deadline needs nothing here: gRPC cancels the handler when it
 passes, and asyncpg turns that into a CancelRequest for the running statement.
@@ -55,10 +57,17 @@ class PoolAcquireTimeout(TimeoutError):
 
 
 class RowLockWaitTimeout(Exception):
-    """A call waited DB_LOCK_TIMEOUT in the process for its turn at a row lock."""
+    """A call waited DB_LOCK_TIMEOUT in the process for its turn at a row lock.
 
-    def __init__(self, key: Hashable, timeout_s: float) -> None:
+    `ahead`: how the next call ahead of it on that row ended (None: successfully,
+    or not within the settling time), so that the caller can tell a locked row
+    (those calls ran into the lock timeout) from a database that does not answer
+    (they ran into an outage, a stall or an exhausted pool).
+    """
+
+    def __init__(self, key: Hashable, timeout_s: float, ahead: BaseException | None) -> None:
         self.key = key
+        self.ahead = ahead
         super().__init__(f"waited {timeout_s:g}s for the row lock of {key}")
 
 
@@ -174,18 +183,29 @@ async def connect(settings: DatabaseSettings, application_name: str) -> asyncpg.
     return conn
 
 
+Exit = asyncio.Future["BaseException | None"]
+
+
 @dataclass
 class _Slot:
     semaphore: asyncio.Semaphore
+    # Resolved when the next holder leaves, with how it ended (None: successfully).
+    next_exit: Exit
     users: int = 0  # holders and waiters: the slot is dropped when none is left
 
 
 class KeyedGate:
-    """At most `limit` holders per key at once; the others wait, each at most `timeout_s`."""
+    """At most `limit` holders per key at once; the others wait, each at most `timeout_s`.
 
-    def __init__(self, limit: int, timeout_s: float | None) -> None:
+    A waiter whose time is up does not guess why the holders are slow: it waits
+    (at most `settle_s`, the longest a holder can take to end) for the next holder
+    to leave and reports how that one ended (`RowLockWaitTimeout.ahead`).
+    """
+
+    def __init__(self, limit: int, timeout_s: float | None, settle_s: float | None) -> None:
         self._limit = limit
         self._timeout_s = timeout_s
+        self._settle_s = settle_s
         self._slots: dict[Hashable, _Slot] = {}
 
     def __len__(self) -> int:
@@ -194,20 +214,32 @@ class KeyedGate:
     async def enter(self, key: Hashable) -> None:
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[key] = _Slot(asyncio.Semaphore(self._limit))
+            future: Exit = asyncio.get_running_loop().create_future()
+            slot = self._slots[key] = _Slot(asyncio.Semaphore(self._limit), future)
         slot.users += 1
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await slot.semaphore.acquire()
-        except TimeoutError as exc:
-            self._forget(key, slot)
-            raise RowLockWaitTimeout(key, self._timeout_s or 0.0) from exc
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await slot.semaphore.acquire()
+                return
+            except TimeoutError:
+                pass
+            ahead = None
+            try:
+                async with asyncio.timeout(self._settle_s):
+                    ahead = await asyncio.shield(slot.next_exit)
+            except TimeoutError:
+                pass
+            raise RowLockWaitTimeout(key, self._timeout_s or 0.0, ahead)
         except BaseException:
             self._forget(key, slot)
             raise
 
-    def leave(self, key: Hashable) -> None:
+    def leave(self, key: Hashable, failure: BaseException | None = None) -> None:
+        """A holder leaves; `failure`: the exception its work ended with, if any."""
         slot = self._slots[key]
+        exited, slot.next_exit = slot.next_exit, asyncio.get_running_loop().create_future()
+        exited.set_result(failure)
         slot.semaphore.release()
         self._forget(key, slot)
 
@@ -242,9 +274,9 @@ class _BoundedAcquire(_AcquireContext):
                 return await super().__aenter__()
             except TimeoutError as exc:
                 raise pool.acquire_timeout_error(self.timeout) from exc
-        except BaseException:
+        except BaseException as failure:
             if self._key is not None:
-                pool.row_gate.leave(self._key)
+                pool.row_gate.leave(self._key, failure)
             raise
 
     async def __aexit__(self, *exc: object) -> None:
@@ -253,7 +285,10 @@ class _BoundedAcquire(_AcquireContext):
         finally:
             if self._key is not None:
                 assert isinstance(self.pool, BoundedPool)
-                self.pool.row_gate.leave(self._key)
+                failure = exc[1] if len(exc) > 1 else None
+                self.pool.row_gate.leave(
+                    self._key, failure if isinstance(failure, BaseException) else None
+                )
 
 
 class BoundedPool(asyncpg.Pool):
@@ -300,7 +335,14 @@ async def create_pool(settings: DatabaseSettings, application_name: str) -> Boun
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
         acquire_timeout_s=settings.pool_acquire_timeout_s,
-        row_gate=KeyedGate(settings.row_lock_waiters, settings.lock_timeout_s or None),
+        row_gate=KeyedGate(
+            settings.row_lock_waiters,
+            timeout_s=settings.lock_timeout_s or None,
+            # The longest a call holding a place takes to end: a connection, then
+            # statements each bounded by the command timeout (or the lock timeout).
+            settle_s=settings.pool_acquire_timeout_s
+            + (settings.client_command_timeout() or settings.lock_timeout_s),
+        ),
     )
     await pool
     return pool

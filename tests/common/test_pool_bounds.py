@@ -80,12 +80,13 @@ async def test_every_pooled_connection_keeps_its_timeouts(database_url: str) -> 
 
 
 async def test_the_gate_lets_a_few_per_key_and_bounds_the_rest() -> None:
-    gate = KeyedGate(2, timeout_s=0.2)
+    gate = KeyedGate(2, timeout_s=0.2, settle_s=0.2)
     await gate.enter("a")
     await gate.enter("a")
     await gate.enter("b")  # another key is not held up
-    with pytest.raises(RowLockWaitTimeout):
+    with pytest.raises(RowLockWaitTimeout) as caught:
         await gate.enter("a")
+    assert caught.value.ahead is None  # no call ahead ended meanwhile
     third = asyncio.ensure_future(gate.enter("a"))
     await asyncio.sleep(0)
     assert not third.done()
@@ -96,8 +97,22 @@ async def test_the_gate_lets_a_few_per_key_and_bounds_the_rest() -> None:
     assert len(gate) == 0  # nothing kept per key once it is free
 
 
+async def test_a_waiter_whose_time_is_up_ends_as_the_call_ahead_of_it() -> None:
+    gate = KeyedGate(1, timeout_s=0.05, settle_s=60)
+    await gate.enter("a")
+    waiter = asyncio.ensure_future(gate.enter("a"))
+    await asyncio.sleep(0.1)  # past its time: it now waits for the holder to end
+    assert not waiter.done()
+    outage = ConnectionResetError("the database went away")
+    gate.leave("a", outage)
+    with pytest.raises(RowLockWaitTimeout) as caught:
+        await asyncio.wait_for(waiter, timeout=10)
+    assert caught.value.ahead is outage
+    assert len(gate) == 0
+
+
 async def test_a_cancelled_gate_wait_leaves_nothing_behind() -> None:
-    gate = KeyedGate(1, timeout_s=None)
+    gate = KeyedGate(1, timeout_s=None, settle_s=None)
     await gate.enter("a")
     waiter = asyncio.ensure_future(gate.enter("a"))
     await asyncio.sleep(0)

@@ -213,7 +213,7 @@ async def test_stalled_database_ends_calls_then_health_then_recovers(database_ur
             calls: list[Awaitable[Any]] = [
                 *(stub.GetThread(threads_pb2.GetThreadRequest(id=other)) for _ in range(20)),
                 *(stub.ListThreads(threads_pb2.ListThreadsRequest(user_id=user)) for _ in range(5)),
-                *(stub.UpdateThread(_rename(thread, f"stalled {i}")) for i in range(5)),
+                *(stub.UpdateThread(_rename(thread, f"stalled {i}")) for i in range(10)),
                 stub.MarkRead(threads_pb2.MarkReadRequest(thread_id=thread, user_id=user)),
             ]
 

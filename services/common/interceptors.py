@@ -335,6 +335,15 @@ def _bounded_wait_error(exc: BaseException) -> tuple[BaseException, DomainError]
                 reason="DATABASE_BUSY",
                 retry_after_s=RETRY_AFTER_S,
             )
+        if isinstance(cause, asyncpg.DeadlockDetectedError | asyncpg.SerializationError):
+            # Lock orders are kept (users, then threads in id order), so this is a
+            # safety net: PostgreSQL rolled the transaction back, nothing was written.
+            return cause, Aborted(
+                "this call conflicted with a concurrent one and was rolled back; "
+                "nothing was written, retry",
+                reason="CONCURRENT_CONFLICT",
+                retry_after_s=RETRY_AFTER_S,
+            )
         if isinstance(cause, asyncpg.QueryCanceledError) and "statement timeout" in str(cause):
             return cause, DeadlineExceeded(
                 "a statement ran longer than the server allows (DB_STATEMENT_TIMEOUT); "

@@ -26,6 +26,7 @@ RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,  # a lock wait or a deadlock: rolled back, nothing written
 )
 # A stream ending with these says "resume from your cursor".
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)

@@ -1,5 +1,7 @@
 """`python -m db`: up, down --to VERSION, status, validate, stats, archive, restore, maintain.
 
+`up` also applies the server-side function files (db/functions) that changed.
+
 DATABASE_URL names the server; when it is unset the embedded PostgreSQL of
 `make run` (data in EMBEDDED_PGDATA) is used. Failures print one line and exit 1.
 """
@@ -27,7 +29,15 @@ from db.archive import (
     restore_thread,
 )
 from db.maintenance import DEFAULT_BLOAT_THRESHOLD, DEFAULT_MIN_INDEX_BYTES, maintain
-from db.migrations import MIGRATIONS_DIR, MigrationFileError, load_migrations
+from db.migrations import (
+    FUNCTIONS_DIR,
+    MIGRATIONS_DIR,
+    FunctionFile,
+    Migration,
+    MigrationFileError,
+    load_function_files,
+    load_migrations,
+)
 from db.runner import MigrationError, Migrator
 from db.stats import collect_stats, format_stats
 from services.common.embedded import EmbeddedPostgres
@@ -39,8 +49,8 @@ Command = Callable[[Migrator, argparse.Namespace], Awaitable[int]]
 
 async def _up(migrator: Migrator, args: argparse.Namespace) -> int:
     applied = await migrator.up(args.to)
-    for migration in applied:
-        print(f"applied {migration.filename}")
+    for done in applied:
+        print(f"applied {_label(done)}")
     if not applied:
         print("database is up to date")
     return 0
@@ -55,22 +65,37 @@ async def _down(migrator: Migrator, args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(done: Migration | FunctionFile) -> str:
+    return done.filename if isinstance(done, Migration) else f"functions/{done.filename}"
+
+
 async def _status(migrator: Migrator, args: argparse.Namespace) -> int:
     rows = await migrator.status()
     for row in rows:
         state = f"applied {row.applied_at:%Y-%m-%d %H:%M:%S%z}" if row.applied_at else "pending"
         problem = f"  !! {row.problem}" if row.problem else ""
         print(f"{row.version:04d}  {row.name:<40} {state}{problem}")
-    return 1 if any(row.problem for row in rows) else 0
+    # Function files: "pending" until the next `up` at the latest migration applies them.
+    functions = await migrator.function_status()
+    for fn in functions:
+        state = f"applied {fn.applied_at:%Y-%m-%d %H:%M:%S%z}" if fn.applied_at else "pending"
+        problem = f"  !! {fn.problem}" if fn.problem else ""
+        print(f"fn    {'functions/' + fn.file:<40} {state}{problem}")
+    return 1 if any(row.problem for row in rows) or any(fn.problem for fn in functions) else 0
 
 
 async def _validate(migrator: Migrator, args: argparse.Namespace) -> int:
     problems = await migrator.problems()
+    problems += [fn.problem for fn in await migrator.function_status() if fn.problem]
     for problem in problems:
         print(f"db: invalid: {problem}", file=sys.stderr)
     if not problems:
         applied = len(await migrator.applied())
-        print(f"ok: {applied} applied migration(s) match their files")
+        functions = len(await migrator.applied_functions())
+        print(
+            f"ok: {applied} applied migration(s) and {functions} applied function file(s) "
+            "match their files"
+        )
     return 1 if problems else 0
 
 
@@ -170,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=MIGRATIONS_DIR,
         help="where the NNNN_name.sql files are (default: db/migrations)",
     )
+    parser.add_argument(
+        "--functions-dir",
+        type=Path,
+        default=FUNCTIONS_DIR,
+        help="where the function files are (default: db/functions)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="apply pending migrations (to the latest by default)")
     up.add_argument("--to", type=int, default=None, help="stop after this version")
@@ -180,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let down parts drop rows and values they cannot rebuild (they refuse otherwise)",
     )
-    sub.add_parser("status", help="list migrations and whether each is applied")
-    sub.add_parser("validate", help="check applied migrations against their files")
+    sub.add_parser("status", help="list migrations and function files, and whether applied")
+    sub.add_parser(
+        "validate", help="check applied migrations and function files against the database"
+    )
     sub.add_parser("stats", help="index usage, cache hit ratio, connections, sizes, slow queries")
     archive = sub.add_parser("archive", help="move threads inactive for a while to the archive")
     archive.add_argument("--older-than", type=parse_age, required=True, help="e.g. 90d, 12h")
@@ -213,12 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace, settings: DatabaseSettings) -> int:
     migrations = load_migrations(args.migrations_dir)
+    functions = load_function_files(args.functions_dir)
     try:
         conn = await connect(settings, application_name="chat-migrate")
     except CONNECT_FAILURES as exc:
         raise MigrationError(describe_connect_error(exc)) from exc
     try:
-        return await COMMANDS[args.command](Migrator(conn, migrations), args)
+        return await COMMANDS[args.command](Migrator(conn, migrations, functions=functions), args)
     finally:
         await conn.close()
 

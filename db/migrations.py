@@ -10,6 +10,10 @@ A migration is `db/migrations/NNNN_name.sql` holding an up part and a down part:
 A file whose header has `-- migrate:no-transaction` runs outside a transaction
 (for statements such as CREATE INDEX CONCURRENTLY); its statements then run one by
 one and must be safe to re-run (IF NOT EXISTS), since a failure can stop it midway.
+
+Server-side functions are `db/functions/<topic>.sql`: plain SQL (`CREATE OR REPLACE
+FUNCTION ...`), re-applied whenever their text changes (repeatable files, like
+Flyway's `R__`); see db/runner.py and db/README.md.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import sqlparse
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+FUNCTIONS_DIR = Path(__file__).parent / "functions"
 
 _FILENAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 _UP = "-- migrate:up"
@@ -29,6 +34,13 @@ _DOWN = "-- migrate:down"
 _NO_TRANSACTION = "-- migrate:no-transaction"
 _SUPERSEDES = "-- migrate:supersedes"
 _SUPERSEDES_LINE = re.compile(r"^-- migrate:supersedes (?P<checksum>[0-9a-f]{64})$")
+_FUNCTION_FILENAME = re.compile(r"^[a-z0-9_]+\.sql$")
+# The functions a file defines (by name, every overload): the runner fingerprints
+# their live definitions and drops them on `down --to 0`.
+_CREATE_FUNCTION = re.compile(
+    r"\bCREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+(?:public\.)?([a-z_][a-z0-9_]*)\s*\(",
+    re.IGNORECASE,
+)
 
 
 class MigrationFileError(ValueError):
@@ -112,3 +124,42 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
                 "(versions are sequential, without gaps or duplicates)"
             )
     return migrations
+
+
+@dataclass(frozen=True)
+class FunctionFile:
+    """A repeatable file of server-side functions (`db/functions/<topic>.sql`)."""
+
+    path: Path
+    sql: str
+    checksum: str
+    functions: tuple[str, ...]  # names it defines, in file order
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+
+def parse_function_file(path: Path) -> FunctionFile:
+    if _FUNCTION_FILENAME.match(path.name) is None:
+        raise MigrationFileError(f"{path.name}: name must look like lower_snake_case.sql")
+    text = path.read_text(encoding="utf-8")
+    names = tuple(dict.fromkeys(m.lower() for m in _CREATE_FUNCTION.findall(text)))
+    if not names:
+        raise MigrationFileError(f"{path.name}: defines no function (CREATE OR REPLACE FUNCTION)")
+    return FunctionFile(path=path, sql=text, checksum=checksum_of(text), functions=names)
+
+
+def load_function_files(directory: Path = FUNCTIONS_DIR) -> list[FunctionFile]:
+    """Every function file in file-name order (the order they are applied in)."""
+    files = [parse_function_file(p) for p in sorted(directory.glob("*.sql"))]
+    owners: dict[str, str] = {}
+    for file in files:
+        for name in file.functions:
+            if name in owners:
+                raise MigrationFileError(
+                    f"{file.filename}: {name} is already defined in {owners[name]} "
+                    "(each function has one file)"
+                )
+            owners[name] = file.filename
+    return files

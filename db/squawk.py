@@ -1,7 +1,8 @@
-"""`python -m db.squawk`: lint every migration with squawk (part of `make lint`).
+"""`python -m db.squawk`: lint every migration and function file with squawk (`make lint`).
 
 Transactional migrations are linted as running inside a transaction and
-`-- migrate:no-transaction` ones as not, so squawk judges each as it really runs.
+`-- migrate:no-transaction` ones as not, so squawk judges each as it really runs;
+function files (db/functions) always run in a transaction.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from db.migrations import MIGRATIONS_DIR, load_migrations
+from db.migrations import MIGRATIONS_DIR, load_function_files, load_migrations
 
 CONFIG = Path(__file__).resolve().parent.parent / ".squawk.toml"
 
@@ -20,7 +21,8 @@ def main() -> int:
     squawk = shutil.which("squawk") or str(Path(sys.executable).parent / "squawk")
     migrations = load_migrations(MIGRATIONS_DIR)
     groups = {
-        "--assume-in-transaction": [str(m.path) for m in migrations if m.transactional],
+        "--assume-in-transaction": [str(m.path) for m in migrations if m.transactional]
+        + [str(f.path) for f in load_function_files()],
         "--no-assume-in-transaction": [str(m.path) for m in migrations if not m.transactional],
     }
     status = 0

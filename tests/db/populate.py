@@ -256,7 +256,7 @@ async def tables(conn: asyncpg.Connection) -> list[str]:
         r["tablename"]
         for r in await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            " AND tablename <> 'schema_migrations' ORDER BY tablename"
+            " AND tablename NOT IN ('schema_migrations', 'schema_functions') ORDER BY tablename"
         )
     ]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from db.migrations import MIGRATIONS_DIR, load_migrations
+from db.migrations import MIGRATIONS_DIR, load_function_files, load_migrations
 from db.runner import MIGRATION_LOCK_KEY, MigrationError, Migrator
 
 pytestmark = pytest.mark.db
@@ -150,9 +150,14 @@ async def test_up_down_up_leaves_identical_schema(empty_database_url: str) -> No
         )
         leftover = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename <> 'schema_migrations'"
+            "AND tablename NOT IN ('schema_migrations', 'schema_functions')"
         )
         assert leftover == []
+        # The function files' functions go too (helpers no down part knows of).
+        functions = await conn.fetch(
+            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+        )
+        assert functions == []
         await migrator.up()
         second = await catalog_dump(conn)
     finally:
@@ -171,12 +176,13 @@ async def test_cli_up_status_down(empty_database_url: str) -> None:
     status = await asyncio.to_thread(run_db_cli, empty_database_url, "status")
     assert status.returncode == 0
     lines = status.stdout.splitlines()
-    assert len(lines) == len(load_migrations())
+    assert len(lines) == len(load_migrations()) + len(load_function_files())
     assert all(" applied " in line for line in lines)
     down = await asyncio.to_thread(run_db_cli, empty_database_url, "down", "--to", "1")
     assert down.returncode == 0, down.stderr
     status = await asyncio.to_thread(run_db_cli, empty_database_url, "status")
     assert " applied " in status.stdout.splitlines()[0]
+    # Function files are pending again: the next `up` to the latest re-applies them.
     assert all(line.endswith("pending") for line in status.stdout.splitlines()[1:])
 
 

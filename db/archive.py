@@ -75,11 +75,7 @@ _MOVE = (
     """,
     # Open streams of the moved threads end (NOT_FOUND, as for a deleted thread):
     # after commit, every messages-service process hears it (services/messages/hub.py).
-    """
-    SELECT pg_notify('chat_membership',
-                     json_build_object('thread_id', id, 'user_id', NULL)::text)
-    FROM unnest($1::uuid[]) AS id
-    """,
+    "SELECT chat_notify_membership(id, NULL) FROM unnest($1::uuid[]) AS id",
 )
 
 # Restore, in one transaction (restore_thread), by the rules of db/README.md

@@ -1,6 +1,6 @@
 -- Repeatable: `python -m db up` re-applies this file when its text changes
--- (db/README.md, "Server-side functions"). Moved from the migrations named below,
--- bodies unchanged.
+-- (db/README.md, "Server-side functions"). Moved from migration 0008; the
+-- position and notification through chat_bump_thread (positions.sql).
 
 -- DeleteUser, before the cascade (0008): every reply by someone else to the
 -- user's messages loses its parent at a new position (an `updated` event), then
@@ -42,9 +42,8 @@ BEGIN
         FROM messages m WHERE m.thread_id = v_thread AND m.user_id = p_user_id;
         GET DIAGNOSTICS v_removed = ROW_COUNT;
         DELETE FROM messages m WHERE m.thread_id = v_thread AND m.user_id = p_user_id;
-        UPDATE threads t SET last_seq = v_base + v_orphaned + v_removed WHERE t.id = v_thread;
-        PERFORM pg_notify('chat_thread_events',
-                          v_thread::text || ':' || (v_base + v_orphaned + v_removed)::text);
+        -- last_seq is still v_base (the lock is ours): it becomes the last position used.
+        PERFORM chat_bump_thread(v_thread, v_orphaned + v_removed);
         v_total := v_total + v_removed;
     END LOOP;
     RETURN v_total;

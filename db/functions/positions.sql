@@ -1,16 +1,39 @@
 -- Repeatable: `python -m db up` re-applies this file when its text changes
--- (db/README.md, "Server-side functions"). Moved from the migrations named below,
--- bodies unchanged.
+-- (db/README.md, "Server-side functions").
+--
+-- Stream positions: threads.last_seq counts every change in a thread (create,
+-- edit, delete, attachment, removal), moved on under the thread row lock, so
+-- positions follow commit order (migration 0004).
+
+-- The one "bump the thread's position and notify": moves last_seq on by
+-- `p_positions` (the caller then uses last_seq - p_positions + 1 .. last_seq),
+-- tells the stream about the last one (at commit) and returns it; NULL, without
+-- a notification, when the thread does not exist. Callers hold the thread row
+-- lock already (a send, an edit, a deletion, DeleteUser) or take it here (the
+-- trigger below). Used by chat_send_message, chat_assign_message_seq,
+-- chat_forget_user_messages and the messages service's edit, delete and attach.
+CREATE OR REPLACE FUNCTION chat_bump_thread(p_thread_id uuid, p_positions bigint DEFAULT 1)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_last_seq bigint;
+BEGIN
+    UPDATE threads t SET last_seq = t.last_seq + p_positions WHERE t.id = p_thread_id
+    RETURNING t.last_seq INTO v_last_seq;
+    IF FOUND THEN
+        PERFORM chat_notify_thread_event(p_thread_id, v_last_seq);
+    END IF;
+    RETURN v_last_seq;
+END $$;
 
 -- Rows written without positions (bulk loads, tests) get them from the thread
--- counter under its row lock, like a send; sends set them explicitly. (0004; the
--- trigger trg_messages_assign_seq itself is schema and stays in 0004.)
+-- counter, like a send; sends set them explicitly. (0004; the trigger
+-- trg_messages_assign_seq itself is schema and stays in 0004.)
 CREATE OR REPLACE FUNCTION chat_assign_message_seq() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.seq IS NULL THEN
-        UPDATE threads SET last_seq = last_seq + 1 WHERE id = NEW.thread_id
-        RETURNING last_seq INTO NEW.seq;
+        NEW.seq := chat_bump_thread(NEW.thread_id);
     END IF;
     NEW.change_seq := coalesce(NEW.change_seq, NEW.seq);
     RETURN NEW;

@@ -1,6 +1,6 @@
 -- Repeatable: `python -m db up` re-applies this file when its text changes
--- (db/README.md, "Server-side functions"). Moved from the migrations named below,
--- bodies unchanged.
+-- (db/README.md, "Server-side functions"). Moved from the migrations named below;
+-- positions and notifications through chat_bump_thread (positions.sql).
 
 -- Why a send must be refused, or NULL when it may go ahead. (0004)
 CREATE OR REPLACE FUNCTION chat_send_refusal(
@@ -121,13 +121,15 @@ BEGIN
         FROM (SELECT 1) AS one LEFT JOIN messages m ON m.id = v_id;
         RETURN;
     END IF;
+    -- The message's position (notified at commit), and its time: after the
+    -- thread's latest.
+    v_last_seq := chat_bump_thread(p_thread_id);
     UPDATE threads t
-    SET last_seq = t.last_seq + 1,
-        last_message_at = greatest(
+    SET last_message_at = greatest(
             clock_timestamp(),
             coalesce(t.last_message_at, '-infinity') + interval '1 microsecond')
     WHERE t.id = p_thread_id
-    RETURNING t.last_seq, t.last_message_at INTO v_last_seq, v_created;
+    RETURNING t.last_message_at INTO v_created;
 
     INSERT INTO messages (thread_id, user_id, content, parent_id, metadata, seq, change_seq,
                           request_id, request_digest, created_at, updated_at)
@@ -145,7 +147,6 @@ BEGIN
     SET last_read_at = greatest(p.last_read_at, v_created)
     WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id;
 
-    PERFORM pg_notify('chat_thread_events', p_thread_id::text || ':' || v_last_seq::text);
     RETURN QUERY SELECT 'created'::text, m.id, m.thread_id, m.user_id, m.content, m.parent_id,
         m.status, m.metadata, m.created_at, m.updated_at, m.seq, m.change_seq,
         chat_message_attachments(m.id)

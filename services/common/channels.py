@@ -1,9 +1,58 @@
-"""PostgreSQL NOTIFY channels shared between services (the cross-service contract)."""
+"""PostgreSQL NOTIFY channels shared between services (the cross-service contract).
 
-# "thread_id:position" after a message in a thread is created, edited or deleted.
+The SQL side is db/functions/notify.sql, the only place that sends: SQL calls
+chat_notify_thread_event / chat_notify_membership, and so does Python (never
+pg_notify). This module holds the channel names to LISTEN on and the payloads as
+types; tests/db/test_notify.py checks both sides agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from uuid import UUID
+
+# "thread_id:position" after a thread's stream moved on (a message created,
+# edited or deleted, an attachment added, messages removed): ThreadEvent.
 THREAD_EVENTS = "chat_thread_events"
 # {"thread_id": ..., "user_id": ... | null} after a participant leaves, a thread is
 # deleted or archived (flag or `db archive`); {"thread_id": null, "user_id": ...}
-# after a user is deactivated or deleted. A hint only: the stream hub re-checks
-# the named subscriptions against the database, which decides how they end.
+# after a user is deactivated or deleted: MembershipChange. A hint only: the stream
+# hub re-checks the named subscriptions against the database, which decides how
+# they end.
 MEMBERSHIP = "chat_membership"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadEvent:
+    """A payload of THREAD_EVENTS (chat_notify_thread_event)."""
+
+    thread_id: UUID
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChange:
+    """A payload of MEMBERSHIP (chat_notify_membership); None means "any"."""
+
+    thread_id: UUID | None
+    user_id: UUID | None
+
+
+def parse_thread_event(payload: object) -> ThreadEvent:
+    """Raises ValueError for anything chat_notify_thread_event does not send."""
+    thread, sep, position = str(payload).partition(":")
+    if not sep:
+        raise ValueError(f"not a thread event: {payload!r}")
+    return ThreadEvent(UUID(thread), int(position))
+
+
+def parse_membership_change(payload: object) -> MembershipChange:
+    """Raises ValueError for anything chat_notify_membership does not send."""
+    try:
+        change = json.loads(str(payload))
+        thread_id = UUID(change["thread_id"]) if change.get("thread_id") else None
+        user_id = UUID(change["user_id"]) if change.get("user_id") else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a membership change: {payload!r}") from exc
+    return MembershipChange(thread_id, user_id)

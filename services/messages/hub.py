@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import random
 from collections.abc import Iterable
@@ -418,22 +417,20 @@ class StreamHub:
             self._listener_lost.set()
 
     def _on_event(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        thread, _, _ = str(payload).partition(":")
         try:
-            thread_id = UUID(thread)
+            event = channels.parse_thread_event(payload)
         except ValueError:
             log.warning("ignoring malformed notification %r", payload)
             return
-        self._check_threads((thread_id,))
+        self._check_threads((event.thread_id,))
 
     def _on_membership(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         try:
-            change = json.loads(str(payload))
-            thread_id = UUID(change["thread_id"]) if change.get("thread_id") else None
-            user_id = UUID(change["user_id"]) if change.get("user_id") else None
-        except (ValueError, KeyError, TypeError, AttributeError):
+            change = channels.parse_membership_change(payload)
+        except ValueError:
             log.warning("ignoring malformed membership notification %r", payload)
             return
+        thread_id, user_id = change.thread_id, change.user_id
         if thread_id is not None:
             self._check_threads((thread_id,), recheck=True)
         elif user_id is not None:  # deactivated or deleted: every feed that user reads

@@ -259,11 +259,9 @@ LOCK_THREAD_OF = named(
     FOR UPDATE OF t
     """,
 )
-# A change to an existing message takes the next position under the thread lock.
-BUMP = named(
-    "messages.bump_thread",
-    "UPDATE threads SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
-)
+# A change to an existing message takes the next position under the thread lock;
+# chat_bump_thread (db/functions/positions.sql) also notifies the stream at commit.
+BUMP = named("messages.bump_thread", "SELECT chat_bump_thread($1)")
 EDIT = named(
     "messages.edit",
     """
@@ -312,7 +310,6 @@ COUNT_ATTACHMENTS = named(
     "messages.count_attachments",
     "SELECT count(*) FROM message_attachments WHERE message_id = $1",
 )
-NOTIFY = named("messages.notify", "SELECT pg_notify('chat_thread_events', $1)")
 MEMBERSHIP = named(
     "messages.membership",
     """
@@ -470,11 +467,8 @@ async def lock_thread_of(conn: DbConnection, message_id: UUID) -> None:
 
 
 async def _bump(conn: DbConnection, thread_id: UUID) -> int:
+    """The thread's next position; its stream hears of it when the caller commits."""
     return int(await conn.fetchval(BUMP, thread_id))
-
-
-async def _notify(conn: DbConnection, thread_id: UUID, seq: int) -> None:
-    await conn.execute(NOTIFY, f"{thread_id}:{seq}")
 
 
 async def edit(
@@ -497,7 +491,6 @@ async def edit(
     )
     if record is None:
         return None
-    await _notify(conn, message.thread_id, seq)
     return (await with_attachments(conn, [_message(record)]))[0]
 
 
@@ -508,7 +501,6 @@ async def tombstone(conn: DbConnection, message: MessageRow) -> MessageRow:
     if record is None:  # already deleted: idempotent, and no new position is used
         raise AlreadyDeleted
     await conn.execute(DROP_ATTACHMENTS, message.id)
-    await _notify(conn, message.thread_id, seq)
     return _message(record)
 
 
@@ -535,5 +527,4 @@ async def add_attachment(
     )
     assert record is not None
     await conn.execute(TOUCH, message.id, seq)
-    await _notify(conn, message.thread_id, seq)
     return _attachment(record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -151,7 +150,7 @@ UPDATE = named(
     """,
 )
 DELETE = named("threads.delete", "DELETE FROM threads WHERE id = $1")
-NOTIFY = named("threads.notify_membership", "SELECT pg_notify('chat_membership', $1)")
+NOTIFY = named("threads.notify_membership", "SELECT chat_notify_membership($1, $2)")
 REMOVE = named(
     "threads.remove_participant",
     "DELETE FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
@@ -335,8 +334,7 @@ async def update_thread(
 
 async def notify_membership(conn: DbConnection, thread_id: UUID, user_id: UUID | None) -> None:
     """Tell every messages-service process (after commit) to end affected streams."""
-    payload = {"thread_id": str(thread_id), "user_id": str(user_id) if user_id else None}
-    await conn.execute(NOTIFY, json.dumps(payload))
+    await conn.execute(NOTIFY, thread_id, user_id)
 
 
 async def delete_thread(conn: DbConnection, thread_id: UUID) -> None:

@@ -9,7 +9,6 @@ from uuid import UUID
 
 import asyncpg
 
-from services.common import channels
 from services.common.errors import AlreadyExists, NotFound
 from services.common.queries import named
 from services.common.types import DbConnection
@@ -169,10 +168,7 @@ FORGET_MESSAGES = named("users.forget_messages", "SELECT chat_forget_user_messag
 HAND_ON_OWNERSHIP = named("users.hand_on_ownership", "SELECT chat_hand_on_ownership($1)")
 # A user who can no longer act (deactivated or deleted): the messages service ends
 # their open streams when this commits (`thread_id` null means every thread).
-NOTIFY_USER_GONE = named(
-    "users.notify_gone",
-    "SELECT pg_notify($1, json_build_object('thread_id', NULL, 'user_id', $2::uuid)::text)",
-)
+NOTIFY_USER_GONE = named("users.notify_gone", "SELECT chat_notify_membership(NULL, $1)")
 RECORD_LOGIN = named(
     "users.record_login",
     """
@@ -286,7 +282,7 @@ async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -
         raise NotFound("user", str(user_id))
     if "is_active" in f and not changes.is_active:
         await conn.execute(HAND_ON_OWNERSHIP, user_id)
-        await conn.execute(NOTIFY_USER_GONE, channels.MEMBERSHIP, user_id)
+        await conn.execute(NOTIFY_USER_GONE, user_id)
     return updated
 
 
@@ -298,7 +294,7 @@ async def delete_user(conn: DbConnection, user_id: UUID) -> None:
     status = await conn.execute(DELETE, user_id)
     if status == "DELETE 0":
         raise NotFound("user", str(user_id))
-    await conn.execute(NOTIFY_USER_GONE, channels.MEMBERSHIP, user_id)
+    await conn.execute(NOTIFY_USER_GONE, user_id)
 
 
 async def record_login(conn: DbConnection, user_id: UUID) -> UserRow | None:

@@ -1,0 +1,28 @@
+-- Repeatable: `python -m db up` re-applies this file when its text changes
+-- (db/README.md, "Server-side functions").
+--
+-- Every NOTIFY the schema and the services send goes through these functions:
+-- the channel names and payload formats are written here and nowhere else in
+-- SQL. services/common/channels.py holds the same names (to LISTEN on) and the
+-- typed payloads with their parsers; tests/db/test_notify.py checks they agree.
+-- Python calls these functions rather than pg_notify.
+
+-- A thread's stream moved on to `p_position` (a message created, edited,
+-- deleted, an attachment added, messages removed): "thread_id:position" on
+-- chat_thread_events (channels.ThreadEvent). Delivered at commit.
+CREATE OR REPLACE FUNCTION chat_notify_thread_event(p_thread_id uuid, p_position bigint)
+RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('chat_thread_events', p_thread_id::text || ':' || p_position::text)
+$$;
+
+-- Open streams may have to end: {"thread_id": ..., "user_id": ...} on
+-- chat_membership (channels.MembershipChange). A participant left (both set), a
+-- thread was deleted or archived (user_id null), a user was deactivated or
+-- deleted (thread_id null: every thread). Delivered at commit.
+CREATE OR REPLACE FUNCTION chat_notify_membership(p_thread_id uuid, p_user_id uuid)
+RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('chat_membership',
+                     json_build_object('thread_id', p_thread_id, 'user_id', p_user_id)::text)
+$$;

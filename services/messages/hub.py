@@ -39,18 +39,12 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from services.common import channels, interrupts
-from services.common.errors import (
-    DomainError,
-    FailedPrecondition,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
-from services.common.identity import user_inactive
+from services.common.errors import DomainError, ResourceExhausted, Unavailable
 from services.common.pool import QUERY_FAILURES, connect
 from services.common.settings import DatabaseSettings
 from services.messages import store
 from services.messages.convert import StreamEvent, stream_event
+from services.messages.policy import stream_refusal
 from services.messages.settings import MessagesSettings
 
 log = logging.getLogger(__name__)
@@ -72,29 +66,6 @@ _LISTENER_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, OSError, *Q
 
 # How long a stream refused at the open-stream limit is told to wait.
 RETRY_AFTER_LIMIT_S = 1.0
-
-
-def access_error(
-    thread_id: UUID, user_id: UUID | None, access: store.StreamAccess | None
-) -> DomainError | None:
-    """Why `user_id` (None: a trusted caller) may no longer stream the thread, if so.
-
-    The one rule for streams, used at open, during replay and by every live fetch.
-    """
-    if access is None:
-        return NotFound("thread", str(thread_id))
-    if user_id is not None:
-        if user_id in access.inactive:
-            return user_inactive(user_id)
-        if user_id not in access.members:
-            return NotFound("thread", str(thread_id))
-    if access.archived:
-        return FailedPrecondition(
-            "the thread is archived: it has no live stream (its history stays readable)",
-            reason="THREAD_ARCHIVED",
-            subject=f"thread/{thread_id}",
-        )
-    return None
 
 
 class Subscription:
@@ -380,7 +351,7 @@ class StreamHub:
         for sub in list(feed.subscribers):
             if sub not in checked:
                 continue  # started, nothing new for it, not asked to re-check
-            error = access_error(feed.thread_id, sub.user_id, checked[sub])
+            error = stream_refusal(feed.thread_id, sub.user_id, checked[sub])
             if error is not None:
                 sub.end(error)
                 continue

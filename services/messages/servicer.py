@@ -1,9 +1,7 @@
 """chat.v1.MessagesService: translates protobuf requests into store calls.
 
-Permissions (calls with x-user-id; trusted calls may do everything): sends only
-as the caller; only participants read, list, search or stream a thread (others
-get NOT_FOUND for it); only the author edits or adds attachments; the author or
-a thread OWNER/ADMIN deletes.
+Each method parses its request, asks policy.py whether the caller may (every
+permission decision is made there), calls the store and converts the result.
 """
 
 from __future__ import annotations
@@ -13,17 +11,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import asyncpg
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
-from services.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-)
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.fieldmask import update_paths
-from services.common.identity import Caller, caller_of
+from services.common.identity import caller_of
 from services.common.pagination import (
     decode_page_token,
     encode_page_token,
@@ -33,7 +25,7 @@ from services.common.pagination import (
 from services.common.pool import BoundedPool
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
-from services.messages import store
+from services.messages import policy, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
 from services.messages.hub import StreamHub
@@ -57,40 +49,6 @@ ListRequest = (
 
 async def _no_check(conn: DbConnection) -> None:
     return None
-
-
-async def _thread_access(
-    conn: DbConnection, caller: Caller, thread_id: UUID
-) -> tuple[bool, str | None]:
-    """(archived, caller's role); NOT_FOUND unless the caller participates (or is trusted)."""
-    found = await store.membership(conn, thread_id, caller.user_id)
-    if found is None or (not caller.trusted and found[1] is None):
-        raise NotFound("thread", str(thread_id))
-    return found
-
-
-async def _message_access(
-    conn: DbConnection, caller: Caller, message_id: UUID, *, to_change: bool = False
-) -> tuple[store.MessageRow, str | None]:
-    """The message and the caller's role in its thread; NOT_FOUND for outsiders.
-
-    `to_change`: an archived thread is read-only (no edits or attachments, as no
-    sends); deleting stays possible, for moderation.
-    """
-    message = await store.get_message(conn, message_id)
-    if message is None:
-        raise NotFound("message", str(message_id))
-    try:
-        archived, role = await _thread_access(conn, caller, message.thread_id)
-    except NotFound:
-        raise NotFound("message", str(message_id)) from None
-    if to_change and archived:
-        raise FailedPrecondition(
-            "the thread is archived",
-            reason="THREAD_ARCHIVED",
-            subject=f"thread/{message.thread_id}",
-        )
-    return message, role
 
 
 def _position(token: str, kind: str, params: dict[str, Any]) -> Position | None:
@@ -130,70 +88,30 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         assert thread_id is not None and user_id is not None
         caller = caller_of(context)
-        if not caller.trusted and not caller.is_user(user_id):
-            raise PermissionDenied("a user may only send as themselves")
+        policy.check_sender(caller, user_id)
         # A send waits for its thread's row lock: at most DB_ROW_LOCK_WAITERS per thread
         # hold a connection for it (services/common/pool.py).
         async with self._pool.acquire(locking=thread_id) as conn:
-            for attempt in range(2):
-                try:
-                    outcome, message = await store.send(
-                        conn,
-                        thread_id=thread_id,
-                        user_id=user_id,
-                        content=request.content,
-                        parent_id=parent_id,
-                        metadata=metadata,
-                        request_id=request_id,
-                        attachments=attachments,
-                    )
-                    break
-                except asyncpg.UniqueViolationError:
-                    # The same request_id raced in through another thread and committed
-                    # first: sending again compares with it (same request or reused).
-                    if attempt:
-                        raise
-        if message is not None:
-            return messages_pb2.SendMessageResponse(message=message_to_proto(message))
-        raise self._refusal(outcome, caller, thread_id)
-
-    @staticmethod
-    def _refusal(outcome: str, caller: Caller, thread_id: UUID) -> Exception:
-        subject = f"thread/{thread_id}"
-        if outcome == "thread_not_found" or (outcome == "not_participant" and not caller.trusted):
-            return NotFound("thread", str(thread_id))
-        if outcome == "not_participant":
-            return FailedPrecondition(
-                "the sender is not a participant of the thread",
-                reason="NOT_A_PARTICIPANT",
-                subject=subject,
+            outcome, message = await store.send(
+                conn,
+                thread_id=thread_id,
+                user_id=user_id,
+                content=request.content,
+                parent_id=parent_id,
+                metadata=metadata,
+                request_id=request_id,
+                attachments=attachments,
             )
-        if outcome == "archived":
-            return FailedPrecondition(
-                "the thread is archived", reason="THREAD_ARCHIVED", subject=subject
-            )
-        if outcome == "inactive":
-            return FailedPrecondition(
-                "the sender is inactive", reason="USER_INACTIVE", subject=subject
-            )
-        if outcome == "bad_parent":
-            return InvalidArgument.field("parent_id", "must be a message of the same thread")
-        if outcome == "request_id_reused":
-            return InvalidArgument.field(
-                "request_id",
-                "was already used by this sender for a different request (another "
-                "thread, content, parent, metadata or attachments); a retry must repeat "
-                "the original request exactly",
-                reason="REQUEST_ID_REUSED",
-            )
-        return RuntimeError(f"unexpected send outcome {outcome!r}")
+        if message is None:
+            raise policy.send_refusal(outcome, caller, thread_id)
+        return messages_pb2.SendMessageResponse(message=message_to_proto(message))
 
     async def GetMessage(
         self, request: messages_pb2.GetMessageRequest, context: Context
     ) -> messages_pb2.GetMessageResponse:
         message_id = parse_uuid(request.id, "id")
         async with self._pool.acquire() as conn:
-            message, _ = await _message_access(conn, caller_of(context), message_id)
+            message = await policy.readable_message(conn, caller_of(context), message_id)
         return messages_pb2.GetMessageResponse(message=message_to_proto(message))
 
     async def _page(
@@ -228,7 +146,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             ("thread", thread_id),
             store.THREAD_PAGE_BOUNDED,
             request,
-            lambda conn: _thread_access(conn, caller, thread_id),
+            lambda conn: policy.readable_thread(conn, caller, thread_id),
         )
         return messages_pb2.ListMessagesResponse(messages=found, next_page_token=token)
 
@@ -242,7 +160,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             ("parent", parent_id),
             store.REPLIES_PAGE_BOUNDED,
             request,
-            lambda conn: _message_access(conn, caller, parent_id),
+            lambda conn: policy.readable_message(conn, caller, parent_id),
         )
         return messages_pb2.ListRepliesResponse(messages=found, next_page_token=token)
 
@@ -251,8 +169,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.ListUserMessagesResponse:
         user_id = parse_uuid(request.user_id, "user_id")
         caller = caller_of(context)
-        if not caller.trusted and not caller.is_user(user_id):
-            raise PermissionDenied("a user may only list their own messages")
+        policy.check_own_listing(caller, user_id)
         found, token = await self._page(
             "user-history", ("user", user_id), store.USER_PAGE_BOUNDED, request, _no_check
         )
@@ -275,9 +192,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         caller = caller_of(context)
         async with self._pool.acquire(locking=message_id) as conn, conn.transaction():
             await store.lock_thread_of(conn, message_id)
-            message, _ = await _message_access(conn, caller, message_id, to_change=True)
-            if not caller.trusted and not caller.is_user(message.user_id):
-                raise PermissionDenied("only the author edits a message")
+            message = await policy.changeable_message(conn, caller, message_id, policy.Change.EDIT)
             edited = None
             if message.status != "deleted":
                 edited = await store.edit(
@@ -300,10 +215,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             try:
                 async with conn.transaction():
                     await store.lock_thread_of(conn, message_id)
-                    message, role = await _message_access(conn, caller, message_id)
-                    author = caller.is_user(message.user_id)
-                    if not caller.trusted and not author and role not in ("owner", "admin"):
-                        raise PermissionDenied("only the author or a thread owner/admin deletes")
+                    message = await policy.deletable_message(conn, caller, message_id)
                     if message.status != "deleted":
                         message = await store.tombstone(conn, message)
             except store.AlreadyDeleted:
@@ -320,9 +232,9 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         caller = caller_of(context)
         async with self._pool.acquire(locking=message_id) as conn, conn.transaction():
             await store.lock_thread_of(conn, message_id)
-            message, _ = await _message_access(conn, caller, message_id, to_change=True)
-            if not caller.trusted and not caller.is_user(message.user_id):
-                raise PermissionDenied("only the author adds attachments")
+            message = await policy.changeable_message(
+                conn, caller, message_id, policy.Change.ATTACH
+            )
             if message.status == "deleted":
                 raise FailedPrecondition(
                     "a deleted message takes no attachments",
@@ -343,7 +255,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.ListAttachmentsResponse:
         message_id = parse_uuid(request.message_id, "message_id")
         async with self._pool.acquire() as conn:
-            message, _ = await _message_access(conn, caller_of(context), message_id)
+            message = await policy.readable_message(conn, caller_of(context), message_id)
         return messages_pb2.ListAttachmentsResponse(
             attachments=[attachment_to_proto(a) for a in message.attachments]
         )
@@ -353,8 +265,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.SearchMessagesResponse:
         caller = caller_of(context)
         thread_id = parse_optional_uuid(request.thread_id, "thread_id")
-        if thread_id is None and not caller.trusted:
-            raise InvalidArgument.field("thread_id", "is required when acting for a user")
+        policy.check_search_scope(caller, thread_id)
         v = Violations()
         contains = metadata_of(v, request.metadata_contains, self._settings, "metadata_contains")
         if contains is None:
@@ -366,7 +277,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         budget = self._settings.list_response_max_bytes
         async with self._pool.acquire() as conn:
             if thread_id is not None:
-                await _thread_access(conn, caller, thread_id)
+                await policy.readable_thread(conn, caller, thread_id)
             rows, fetched = await store.bounded_page(
                 conn,
                 store.SEARCH_PAGE_BOUNDED,

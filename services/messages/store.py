@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -40,6 +41,25 @@ class MessageRow:
     seq: int
     change_seq: int
     attachments: list[AttachmentRow] = field(default_factory=list)
+
+
+class SendOutcome(StrEnum):
+    """What chat_send_message did, spelled as its `outcome` column says it."""
+
+    CREATED = "created"
+    DUPLICATE = "duplicate"  # a retry of the same request: the original message
+    # Refusals (no message):
+    THREAD_NOT_FOUND = "thread_not_found"
+    NOT_PARTICIPANT = "not_participant"
+    ARCHIVED = "archived"
+    INACTIVE = "inactive"
+    BAD_PARENT = "bad_parent"
+    REQUEST_ID_REUSED = "request_id_reused"
+
+
+class SendResult(NamedTuple):
+    outcome: SendOutcome
+    message: MessageRow | None  # None exactly when the send was refused
 
 
 @dataclass(frozen=True)
@@ -350,22 +370,28 @@ async def send(
     metadata: dict[str, Any] | None,
     request_id: UUID | None,
     attachments: Sequence[NewAttachment],
-) -> tuple[str, MessageRow | None]:
-    """One round trip: (outcome, the message) or (refusal, None); see chat_send_message."""
+) -> SendResult:
+    """One round trip: the outcome and the message (None when refused); see chat_send_message."""
     payload = [
         {"url": a.url, "type": a.type, "name": a.name, "size": a.size, "metadata": a.metadata}
         for a in attachments
     ]
-    record = await conn.fetchrow(
-        SEND, thread_id, user_id, content, parent_id, metadata, request_id, payload
-    )
+    args = (thread_id, user_id, content, parent_id, metadata, request_id, payload)
+    try:
+        record = await conn.fetchrow(SEND, *args)
+    except asyncpg.UniqueViolationError:
+        # The same request_id raced in through another thread and committed first
+        # (the unique index, not the thread lock, caught it): sending again compares
+        # with that message, so the outcome is "duplicate" or "request_id_reused".
+        record = await conn.fetchrow(SEND, *args)
     assert record is not None
+    outcome = SendOutcome(record["outcome"])
     if record["id"] is None:
-        return str(record["outcome"]), None
+        return SendResult(outcome, None)
     columns = dict(record)
-    outcome = columns.pop("outcome")
+    del columns["outcome"]
     stored = [_attachment_from_json(a) for a in columns.pop("attachments")]
-    return str(outcome), MessageRow(**columns, attachments=stored)
+    return SendResult(outcome, MessageRow(**columns, attachments=stored))
 
 
 def _attachment_from_json(value: dict[str, Any]) -> AttachmentRow:

@@ -24,7 +24,8 @@ from chat.v1 import messages_pb2
 from services.common.errors import InvalidArgument
 from services.messages import store
 from services.messages.convert import caught_up, event_response
-from services.messages.hub import StreamHub, access_error
+from services.messages.hub import StreamHub
+from services.messages.policy import stream_refusal
 from services.messages.settings import MessagesSettings
 
 Response = messages_pb2.StreamThreadMessagesResponse
@@ -74,7 +75,7 @@ async def _replay(
                 conn, thread_id, position, settings.stream_fetch_batch, settings.stream_fetch_bytes
             )
             access = await store.stream_access(conn, thread_id, readers)  # after the events
-        error = access_error(thread_id, user_id, access)
+        error = stream_refusal(thread_id, user_id, access)
         if error is not None:
             raise error
         assert access is not None

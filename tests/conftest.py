@@ -82,8 +82,21 @@ def service_settings(database_url: str) -> ServiceSettings:
 
 @pytest.fixture
 async def db_pool(service_settings: ServiceSettings) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on the test database, for seeding and for checking what was written."""
-    pool = await create_pool(service_settings, application_name="chat-tests")
+    """A pool on the test database, for seeding and for checking what was written.
+
+    The test's own session, not a service's: no statement or lock timeout (seeding
+    a large backlog on a loaded machine may take longer than a service call may,
+    and tests hold locks on purpose), and a generous acquire timeout.
+    """
+    unbounded = service_settings.model_copy(
+        update={
+            "statement_timeout_s": 0.0,
+            "lock_timeout_s": 0.0,
+            "pool_acquire_timeout_s": 60.0,
+            "command_timeout_s": None,
+        }
+    )
+    pool = await create_pool(unbounded, application_name="chat-tests")
     yield pool
     await pool.close()
 

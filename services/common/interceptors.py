@@ -30,6 +30,7 @@ import hmac
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -212,6 +213,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 # Ended from outside with a status (services/common/interrupts.py),
                 # e.g. a stream stuck writing to a client that stopped reading.
                 why = interrupts.take(asyncio.current_task())
+                if why is not None:
+                    await _drain_write(asyncio.current_task())
                 code, error = _classify(why or exc, method, context)
                 if error is None:
                     raise
@@ -222,6 +225,48 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return behavior
 
 
+# How long an interrupted stream waits for the write it was cancelled in before
+# sending its status (a client that reads finishes it at once; one that stopped
+# reading never does, and then the status goes out anyway).
+WRITE_DRAIN_S = 1.0
+# The write each interrupted task was cancelled in, still under way in gRPC core.
+_PENDING_WRITES: weakref.WeakKeyDictionary[asyncio.Task[Any], asyncio.Future[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _write(context: Context, response: Any) -> None:
+    """context.write(), whose batch outlives a cancellation of this task.
+
+    A cancelled write is still under way in gRPC core; the first one of a call
+    also carries its initial metadata. A status sent before it completes would
+    send that metadata a second time, which core refuses
+    (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS): the call then ends with no status and
+    the client waits for ever. So the write is shielded, and an interrupted stream
+    drains it (`_drain_write`) before it aborts.
+    """
+    write = asyncio.ensure_future(context.write(response))
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        write.add_done_callback(_consume)
+        task = asyncio.current_task()
+        if task is not None:
+            _PENDING_WRITES[task] = write
+        raise
+
+
+def _consume(write: asyncio.Future[Any]) -> None:
+    if not write.cancelled():
+        write.exception()  # retrieved: a write of a call that ended fails quietly
+
+
+async def _drain_write(task: asyncio.Task[Any] | None) -> None:
+    write = _PENDING_WRITES.pop(task, None) if task is not None else None
+    if write is not None and not write.done():
+        await asyncio.wait([write], timeout=WRITE_DRAIN_S)
+
+
 async def _drive(responses: AsyncIterator[Any] | Awaitable[None], context: Context) -> None:
     """Run a streaming handler of either shape to its end, writing what it yields."""
     if inspect.isawaitable(responses):  # writes for itself (context.write)
@@ -229,7 +274,7 @@ async def _drive(responses: AsyncIterator[Any] | Awaitable[None], context: Conte
         return
     try:
         async for response in responses:
-            await context.write(response)
+            await _write(context, response)
     finally:
         # Cancelled while writing: the generator sits at its yield. Close it now,
         # so its clean-up (e.g. leaving the stream hub) runs while the call lives.

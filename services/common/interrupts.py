@@ -16,6 +16,12 @@ import weakref
 from services.common.errors import DomainError
 
 _WHY: weakref.WeakKeyDictionary[asyncio.Task[object], DomainError] = weakref.WeakKeyDictionary()
+# Tasks whose interruption was taken: they are ending the call with its status. The
+# entry in _WHY stays, so a second interrupt() (two reasons to end one stream can
+# arrive together) cannot cancel the abort that is sending that status, which
+# would leave a second status to send: gRPC core refuses it
+# (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS) and the client never hears the end.
+_TAKEN: weakref.WeakSet[asyncio.Task[object]] = weakref.WeakSet()
 
 
 def interrupt(task: asyncio.Task[object], error: DomainError) -> None:
@@ -30,11 +36,13 @@ def take(task: asyncio.Task[object] | None) -> DomainError | None:
     """The error `task` was interrupted with, if only `interrupt()` cancelled it.
 
     Also undoes that cancellation, so the caller may go on to abort the call.
+    Returns an error at most once per task.
     """
-    if task is None:
+    if task is None or task in _TAKEN:
         return None
-    error = _WHY.pop(task, None)
+    error = _WHY.get(task)
     if error is None or task.cancelling() != 1:
         return None  # not ours, or the client cancelled too: stay cancelled
+    _TAKEN.add(task)
     task.uncancel()
     return error

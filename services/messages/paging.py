@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from chat.v1 import messages_pb2
 
+from services.common.pagination import (
+    decode_page_token,
+    encode_page_token,
+    page_size_of,
+    time_id_position,
+)
 from services.messages.convert import message_to_proto
 from services.messages.settings import MessagesSettings
-from services.messages.store import MessageRow
+from services.messages.store import MessageRow, Page, Position
 from services.messages.validation import NAME_MAX, TYPE_MAX, URL_MAX
 
 # next_page_token is about 150 characters (kind, fingerprint, timestamp, id in
@@ -71,6 +79,40 @@ def fit_page(
         total += cost
     more = len(served) < fetched
     return served, rows[len(served) - 1] if served and more else None
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """One list request's page: where it starts, how many rows and bytes it may hold."""
+
+    kind: str  # what the token pages through; a token of one kind is refused by others
+    params: dict[str, Any]  # the request's other parameters, fingerprinted in the token
+    size: int
+    after: Position | None  # continue after this message; None: the first page
+    max_bytes: int
+
+    @property
+    def limit(self) -> int:
+        """Rows to read: one more than the page says whether another page follows."""
+        return self.size + 1
+
+    def finish(self, page: Page) -> tuple[list[messages_pb2.Message], str]:
+        """The messages to serve and the next page token ("" when none follows)."""
+        served, last = fit_page(page.rows, page.fetched, self.size, self.max_bytes)
+        if last is None:
+            return served, ""
+        position = [last.created_at.isoformat(), str(last.id)]
+        return served, encode_page_token(self.kind, self.params, position)
+
+
+def page_request(
+    kind: str, params: dict[str, Any], page_size: int, page_token: str, max_bytes: int
+) -> PageRequest:
+    """The page a request asks for, its size and token checked (INVALID_ARGUMENT)."""
+    size = page_size_of(page_size)
+    raw = decode_page_token(page_token, kind, params)
+    after = None if raw is None else time_id_position(raw)
+    return PageRequest(kind, params, size, after, max_bytes)
 
 
 def largest_message_bytes(settings: MessagesSettings) -> int:

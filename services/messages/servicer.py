@@ -6,30 +6,22 @@ permission decision is made there), calls the store and converts the result.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from collections.abc import AsyncIterator
 from typing import Any
-from uuid import UUID
 
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
-from services.common.pagination import (
-    decode_page_token,
-    encode_page_token,
-    page_size_of,
-    time_id_position,
-)
 from services.common.pool import BoundedPool
-from services.common.types import Context, DbConnection
+from services.common.types import Context
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
 from services.messages import policy, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
 from services.messages.hub import StreamHub
-from services.messages.paging import fit_page
+from services.messages.paging import PageRequest, page_request
 from services.messages.settings import MessagesSettings
 from services.messages.stream import stream_thread
 from services.messages.validation import (
@@ -38,29 +30,6 @@ from services.messages.validation import (
     check_content,
     metadata_of,
 )
-
-Position = tuple[datetime, UUID]
-ListRequest = (
-    messages_pb2.ListMessagesRequest
-    | messages_pb2.ListRepliesRequest
-    | messages_pb2.ListUserMessagesRequest
-)
-
-
-async def _no_check(conn: DbConnection) -> None:
-    return None
-
-
-def _position(token: str, kind: str, params: dict[str, Any]) -> Position | None:
-    position = decode_page_token(token, kind, params)
-    return None if position is None else time_id_position(position)
-
-
-def _token_after(last: store.MessageRow | None, kind: str, params: dict[str, Any]) -> str:
-    """The next page starts right after `last`, the last message served; "" ends the listing."""
-    if last is None:
-        return ""
-    return encode_page_token(kind, params, [last.created_at.isoformat(), str(last.id)])
 
 
 class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
@@ -114,40 +83,23 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             message = await policy.readable_message(conn, caller_of(context), message_id)
         return messages_pb2.GetMessageResponse(message=message_to_proto(message))
 
-    async def _page(
-        self,
-        kind: str,
-        key: tuple[str, UUID],
-        sql: str,
-        request: ListRequest,
-        check: Callable[[DbConnection], Awaitable[object]],
-    ) -> tuple[list[messages_pb2.Message], str]:
-        """One keyset page of a listing, bounded in rows and bytes (paging.py):
-        `check` runs first on the same connection."""
-        size = page_size_of(request.page_size)
-        params = {key[0]: str(key[1])}
-        after = _position(request.page_token, kind, params)
-        budget = self._settings.list_response_max_bytes
-        async with self._pool.acquire() as conn:
-            await check(conn)
-            rows, fetched = await store.bounded_page(
-                conn, sql, key[1], *(after or (None, None)), size + 1, budget
-            )
-        found, last = fit_page(rows, fetched, size, budget)
-        return found, _token_after(last, kind, params)
+    def _page(self, kind: str, params: dict[str, Any], size: int, token: str) -> PageRequest:
+        return page_request(kind, params, size, token, self._settings.list_response_max_bytes)
 
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
     ) -> messages_pb2.ListMessagesResponse:
         thread_id = parse_uuid(request.thread_id, "thread_id")
         caller = caller_of(context)
-        found, token = await self._page(
-            "history",
-            ("thread", thread_id),
-            store.THREAD_PAGE_BOUNDED,
-            request,
-            lambda conn: policy.readable_thread(conn, caller, thread_id),
+        want = self._page(
+            "history", {"thread": str(thread_id)}, request.page_size, request.page_token
         )
+        async with self._pool.acquire() as conn:
+            await policy.readable_thread(conn, caller, thread_id)
+            page = await store.list_history(
+                conn, thread_id, after=want.after, limit=want.limit, max_bytes=want.max_bytes
+            )
+        found, token = want.finish(page)
         return messages_pb2.ListMessagesResponse(messages=found, next_page_token=token)
 
     async def ListReplies(
@@ -155,24 +107,30 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.ListRepliesResponse:
         parent_id = parse_uuid(request.parent_id, "parent_id")
         caller = caller_of(context)
-        found, token = await self._page(
-            "replies",
-            ("parent", parent_id),
-            store.REPLIES_PAGE_BOUNDED,
-            request,
-            lambda conn: policy.readable_message(conn, caller, parent_id),
+        want = self._page(
+            "replies", {"parent": str(parent_id)}, request.page_size, request.page_token
         )
+        async with self._pool.acquire() as conn:
+            await policy.readable_message(conn, caller, parent_id)
+            page = await store.list_replies(
+                conn, parent_id, after=want.after, limit=want.limit, max_bytes=want.max_bytes
+            )
+        found, token = want.finish(page)
         return messages_pb2.ListRepliesResponse(messages=found, next_page_token=token)
 
     async def ListUserMessages(
         self, request: messages_pb2.ListUserMessagesRequest, context: Context
     ) -> messages_pb2.ListUserMessagesResponse:
         user_id = parse_uuid(request.user_id, "user_id")
-        caller = caller_of(context)
-        policy.check_own_listing(caller, user_id)
-        found, token = await self._page(
-            "user-history", ("user", user_id), store.USER_PAGE_BOUNDED, request, _no_check
+        policy.check_own_listing(caller_of(context), user_id)
+        want = self._page(
+            "user-history", {"user": str(user_id)}, request.page_size, request.page_token
         )
+        async with self._pool.acquire() as conn:
+            page = await store.list_user_messages(
+                conn, user_id, after=want.after, limit=want.limit, max_bytes=want.max_bytes
+            )
+        found, token = want.finish(page)
         return messages_pb2.ListUserMessagesResponse(messages=found, next_page_token=token)
 
     async def UpdateMessage(
@@ -271,26 +229,26 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         if contains is None:
             v.add("metadata_contains", "must name at least one key")
         v.raise_if_any()
-        size = page_size_of(request.page_size)
-        params = {"thread": str(thread_id), "contains": contains}
-        after = _position(request.page_token, "search", params)
-        budget = self._settings.list_response_max_bytes
+        assert contains is not None
+        want = self._page(
+            "search",
+            {"thread": str(thread_id), "contains": contains},
+            request.page_size,
+            request.page_token,
+        )
         async with self._pool.acquire() as conn:
             if thread_id is not None:
                 await policy.readable_thread(conn, caller, thread_id)
-            rows, fetched = await store.bounded_page(
+            page = await store.search(
                 conn,
-                store.SEARCH_PAGE_BOUNDED,
                 contains,
                 thread_id,
-                *(after or (None, None)),
-                size + 1,
-                budget,
+                after=want.after,
+                limit=want.limit,
+                max_bytes=want.max_bytes,
             )
-        found, last = fit_page(rows, fetched, size, budget)
-        return messages_pb2.SearchMessagesResponse(
-            messages=found, next_page_token=_token_after(last, "search", params)
-        )
+        found, token = want.finish(page)
+        return messages_pb2.SearchMessagesResponse(messages=found, next_page_token=token)
 
     async def StreamThreadMessages(
         self, request: messages_pb2.StreamThreadMessagesRequest, context: Context

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -43,6 +43,20 @@ class MessageRow:
     attachments: list[AttachmentRow] = field(default_factory=list)
 
 
+# Every SELECT of a row type lists these columns (derived from the type's fields,
+# so a new field is selected everywhere) and rows are built by name, never by
+# position: a reordered SELECT cannot shift fields.
+MESSAGE_FIELDS = tuple(f.name for f in fields(MessageRow) if f.name != "attachments")
+MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS)
+ATTACHMENT_FIELDS = tuple(f.name for f in fields(AttachmentRow))
+ATTACHMENT_COLUMNS = ", ".join(ATTACHMENT_FIELDS)
+
+
+def _qualified(alias: str) -> str:
+    """MESSAGE_COLUMNS of table alias `alias` (for joins)."""
+    return ", ".join(f"{alias}.{name}" for name in MESSAGE_FIELDS)
+
+
 class SendOutcome(StrEnum):
     """What chat_send_message did, spelled as its `outcome` column says it."""
 
@@ -73,79 +87,70 @@ class NewAttachment:
 
 SEND = named(
     "messages.send",
-    """
-    SELECT outcome, id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq, attachments
+    f"""
+    SELECT outcome, {MESSAGE_COLUMNS}, attachments
     FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)
-    """,
+    """,  # noqa: S608
 )
 GET = named(
     "messages.get",
-    """
-    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq
-    FROM messages WHERE id = $1
-    """,
+    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1",  # noqa: S608
 )
 ATTACHMENTS_OF = named(
     "messages.attachments_of",
-    """
-    SELECT id, message_id, url, type, name, size, metadata, created_at
+    f"""
+    SELECT {ATTACHMENT_COLUMNS}
     FROM message_attachments WHERE message_id = ANY ($1::uuid[])
     ORDER BY created_at, id
-    """,
+    """,  # noqa: S608
 )
 # History, newest first, keyset on idx_messages_thread (thread_id, created_at DESC, id DESC):
 # a page is one index range scan wherever it starts, so deep pages cost what the first does.
 THREAD_PAGE = named(
     "messages.thread_page",
-    """
-    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq
+    f"""
+    SELECT {MESSAGE_COLUMNS}
     FROM messages
     WHERE thread_id = $1
       AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
     ORDER BY created_at DESC, id DESC
     LIMIT $4
-    """,
+    """,  # noqa: S608
 )
 REPLIES_PAGE = named(
     "messages.replies_page",
-    """
-    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq
+    f"""
+    SELECT {MESSAGE_COLUMNS}
     FROM messages
     WHERE parent_id = $1
       AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
     ORDER BY created_at, id
     LIMIT $4
-    """,
+    """,  # noqa: S608
 )
 USER_PAGE = named(
     "messages.user_page",
-    """
-    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq
+    f"""
+    SELECT {MESSAGE_COLUMNS}
     FROM messages
     WHERE user_id = $1
       AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
     ORDER BY created_at DESC, id DESC
     LIMIT $4
-    """,
+    """,  # noqa: S608
 )
 # JSONB containment through the GIN index idx_messages_metadata.
 SEARCH_PAGE = named(
     "messages.search_page",
-    """
-    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq
+    f"""
+    SELECT {MESSAGE_COLUMNS}
     FROM messages
     WHERE metadata @> $1::jsonb
       AND ($2::uuid IS NULL OR thread_id = $2)
       AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
     ORDER BY created_at DESC, id DESC
     LIMIT $5
-    """,
+    """,  # noqa: S608
 )
 # About how large message m is once served: content, metadata as JSON text,
 # attachments' strings and metadata, and a fixed allowance per message and per
@@ -184,8 +189,7 @@ def _bounded(page_sql: str, order: str, max_bytes_param: int) -> str:
         FROM walk w, candidates c
         WHERE w.n < cardinality(c.ids) AND w.total < ${max_bytes_param}
     )
-    SELECT m.id, m.thread_id, m.user_id, m.content, m.parent_id, m.status, m.metadata,
-           m.created_at, m.updated_at, m.seq, m.change_seq, cardinality(c.ids) AS fetched
+    SELECT {_qualified("m")}, cardinality(c.ids) AS fetched
     FROM walk w, candidates c, messages m
     WHERE w.n > 0 AND m.id = c.ids[w.n]
     ORDER BY w.n
@@ -206,9 +210,8 @@ SEARCH_PAGE_BOUNDED = named("messages.search_page", _bounded(SEARCH_PAGE, "DESC"
 # batch of maximum-size messages stays bounded in memory.
 EVENTS_AFTER = named(
     "messages.events_after",
-    """
-    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-           updated_at, seq, change_seq, position, is_creation, fetched
+    f"""
+    SELECT {MESSAGE_COLUMNS}, position, is_creation, fetched
     FROM (
         SELECT e.*, sum(e.bytes) OVER (ORDER BY e.position) - e.bytes AS bytes_before,
                count(*) OVER () AS fetched
@@ -220,17 +223,13 @@ EVENTS_AFTER = named(
                                FROM message_attachments a WHERE a.message_id = e.id), 0)
                    + 128 AS bytes
             FROM (
-                (SELECT id, thread_id, user_id, content, parent_id, status, metadata,
-                        created_at, updated_at, seq, change_seq, seq AS position,
-                        true AS is_creation
+                (SELECT {MESSAGE_COLUMNS}, seq AS position, true AS is_creation
                  FROM messages
                  WHERE thread_id = $1 AND seq > $2
                  ORDER BY seq
                  LIMIT $3)
                 UNION ALL
-                (SELECT id, thread_id, user_id, content, parent_id, status, metadata,
-                        created_at, updated_at, seq, change_seq, change_seq AS position,
-                        false AS is_creation
+                (SELECT {MESSAGE_COLUMNS}, change_seq AS position, false AS is_creation
                  FROM messages
                  WHERE thread_id = $1 AND change_seq > $2 AND change_seq <> seq
                  ORDER BY change_seq
@@ -249,7 +248,7 @@ EVENTS_AFTER = named(
     ) e
     WHERE bytes_before < $4
     ORDER BY position
-    """,
+    """,  # noqa: S608
 )
 # May these readers still stream the thread? One row per thread that exists:
 # archived or not, its position, which of the users $2 are participants and
@@ -284,7 +283,7 @@ LOCK_THREAD_OF = named(
 BUMP = named("messages.bump_thread", "SELECT chat_bump_thread($1)")
 EDIT = named(
     "messages.edit",
-    """
+    f"""
     UPDATE messages SET
         content = CASE WHEN $2 THEN $3 ELSE content END,
         metadata = CASE WHEN $4 THEN $5::jsonb ELSE metadata END,
@@ -292,20 +291,18 @@ EDIT = named(
         updated_at = greatest(now(), updated_at + interval '1 microsecond'),
         change_seq = $6
     WHERE id = $1 AND status <> 'deleted'
-    RETURNING id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-              updated_at, seq, change_seq
-    """,
+    RETURNING {MESSAGE_COLUMNS}
+    """,  # noqa: S608
 )
 TOMBSTONE = named(
     "messages.tombstone",
-    """
+    f"""
     UPDATE messages SET content = '', metadata = NULL, status = 'deleted',
         updated_at = greatest(now(), updated_at + interval '1 microsecond'),
         change_seq = $2
     WHERE id = $1 AND status <> 'deleted'
-    RETURNING id, thread_id, user_id, content, parent_id, status, metadata, created_at,
-              updated_at, seq, change_seq
-    """,
+    RETURNING {MESSAGE_COLUMNS}
+    """,  # noqa: S608
 )
 DROP_ATTACHMENTS = named(
     "messages.drop_attachments", "DELETE FROM message_attachments WHERE message_id = $1"
@@ -320,11 +317,11 @@ TOUCH = named(
 )
 INSERT_ATTACHMENT = named(
     "messages.insert_attachment",
-    """
+    f"""
     INSERT INTO message_attachments (message_id, url, type, name, size, metadata)
     VALUES ($1, $2, $3, $4, $5, $6::jsonb)
-    RETURNING id, message_id, url, type, name, size, metadata, created_at
-    """,
+    RETURNING {ATTACHMENT_COLUMNS}
+    """,  # noqa: S608
 )
 COUNT_ATTACHMENTS = named(
     "messages.count_attachments",
@@ -341,12 +338,12 @@ MEMBERSHIP = named(
 
 
 def _message(record: asyncpg.Record) -> MessageRow:
-    # Positional: every SELECT here lists the columns in MessageRow's field order.
-    return MessageRow(*record)
+    """A message row by column name (a record may carry more columns, e.g. `fetched`)."""
+    return MessageRow(**{name: record[name] for name in MESSAGE_FIELDS})
 
 
 def _attachment(record: asyncpg.Record) -> AttachmentRow:
-    return AttachmentRow(**dict(record))
+    return AttachmentRow(**{name: record[name] for name in ATTACHMENT_FIELDS})
 
 
 async def with_attachments(conn: DbConnection, rows: Sequence[MessageRow]) -> list[MessageRow]:
@@ -415,12 +412,76 @@ async def get_message(conn: DbConnection, message_id: UUID) -> MessageRow | None
     return (await with_attachments(conn, [_message(record)]))[0]
 
 
-async def bounded_page(conn: DbConnection, sql: str, *args: object) -> tuple[list[MessageRow], int]:
-    """A page by a *_BOUNDED query (its last argument the byte budget), with attachments;
-    and how many rows the page query found (more than returned: the walk stopped on bytes)."""
-    records = await conn.fetch(sql, *args)
-    rows = await with_attachments(conn, [MessageRow(*tuple(r)[:11]) for r in records])
-    return rows, int(records[0]["fetched"]) if records else 0
+# A keyset position in a listing: the (created_at, id) of the last message served.
+Position = tuple[datetime, UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A listing's rows in order, with attachments, bounded in rows and bytes."""
+
+    rows: list[MessageRow]
+    fetched: int  # rows the page query found: more than `rows` when the walk stopped on bytes
+
+
+async def _bounded_page(
+    conn: DbConnection, sql: str, *args: object, after: Position | None, limit: int, max_bytes: int
+) -> Page:
+    """A page by a *_BOUNDED query: `args` are its leading parameters, then the
+    position, the row limit and the byte budget (see _bounded)."""
+    records = await conn.fetch(sql, *args, *(after or (None, None)), limit, max_bytes)
+    rows = await with_attachments(conn, [_message(r) for r in records])
+    return Page(rows, int(records[0]["fetched"]) if records else 0)
+
+
+async def list_history(
+    conn: DbConnection, thread_id: UUID, *, after: Position | None, limit: int, max_bytes: int
+) -> Page:
+    """A thread's messages, newest first, after `after` (at most `limit` rows, about
+    `max_bytes` stored bytes past the first)."""
+    return await _bounded_page(
+        conn, THREAD_PAGE_BOUNDED, thread_id, after=after, limit=limit, max_bytes=max_bytes
+    )
+
+
+async def list_replies(
+    conn: DbConnection, parent_id: UUID, *, after: Position | None, limit: int, max_bytes: int
+) -> Page:
+    """Replies to a message, oldest first (bounded as list_history)."""
+    return await _bounded_page(
+        conn, REPLIES_PAGE_BOUNDED, parent_id, after=after, limit=limit, max_bytes=max_bytes
+    )
+
+
+async def list_user_messages(
+    conn: DbConnection, user_id: UUID, *, after: Position | None, limit: int, max_bytes: int
+) -> Page:
+    """One user's messages across threads, newest first (bounded as list_history)."""
+    return await _bounded_page(
+        conn, USER_PAGE_BOUNDED, user_id, after=after, limit=limit, max_bytes=max_bytes
+    )
+
+
+async def search(
+    conn: DbConnection,
+    contains: dict[str, Any],
+    thread_id: UUID | None,
+    *,
+    after: Position | None,
+    limit: int,
+    max_bytes: int,
+) -> Page:
+    """Messages whose metadata contains `contains`, in one thread (None: every
+    thread), newest first (bounded as list_history)."""
+    return await _bounded_page(
+        conn,
+        SEARCH_PAGE_BOUNDED,
+        contains,
+        thread_id,
+        after=after,
+        limit=limit,
+        max_bytes=max_bytes,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +504,7 @@ async def events_after(
 ) -> EventBatch:
     """At most `limit` events after `after`, and past the first about `max_bytes`."""
     records = await conn.fetch(EVENTS_AFTER, thread_id, after, limit, max_bytes)
-    rows = await with_attachments(conn, [MessageRow(*tuple(r)[:11]) for r in records])
+    rows = await with_attachments(conn, [_message(r) for r in records])
     fetched = records[0]["fetched"] if records else 0
     return EventBatch(
         [

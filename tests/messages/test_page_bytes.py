@@ -508,9 +508,10 @@ async def test_the_store_sizes_only_the_rows_a_page_can_hold(
     )
     await db_pool.execute("VACUUM (ANALYZE) messages")
     async with db_pool.acquire() as conn:
-        rows, fetched = await store.bounded_page(
-            conn, store.THREAD_PAGE_BOUNDED, thread, None, None, MAX_PAGE_SIZE + 1, BUDGET
+        page = await store.list_history(
+            conn, thread, after=None, limit=MAX_PAGE_SIZE + 1, max_bytes=BUDGET
         )
+        rows, fetched = page.rows, page.fetched
         raw = await conn.fetchval(
             f"EXPLAIN (ANALYZE, FORMAT JSON) {store.THREAD_PAGE_BOUNDED}",
             thread,

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,9 +11,13 @@ from chat.v1 import messages_pb2_grpc
 
 from services.common.server import RunningService
 from services.common.settings import ServiceSettings
-from services.messages.hub import StreamHub
 from services.messages.service import DEFINITION
+from services.messages.streams import StreamHub
 from tests.conftest import running
+from tests.factories import Room, new_room, new_user
+
+# Re-exported: the message tests import their factories from here.
+__all__ = ["MessagesServer", "Room", "messages", "new_room", "new_user", "room", "server"]
 
 if TYPE_CHECKING:
     Stub = messages_pb2_grpc.MessagesServiceAsyncStub
@@ -42,39 +45,6 @@ async def server(service_settings: ServiceSettings) -> AsyncIterator[MessagesSer
 @pytest.fixture
 def messages(server: MessagesServer) -> Stub:
     return server.stub
-
-
-@dataclass
-class Room:
-    thread_id: str
-    owner: str
-    member: str
-    outsider: str
-
-
-async def new_user(db: asyncpg.Pool, *, active: bool = True) -> str:
-    tag = f"u{uuid.uuid4().hex[:12]}"
-    return str(
-        await db.fetchval(
-            "INSERT INTO users (email, username, is_active) VALUES ($1 || '@x.io', $1, $2) "
-            "RETURNING id",
-            tag,
-            active,
-        )
-    )
-
-
-async def new_room(db: asyncpg.Pool) -> Room:
-    owner, member, outsider = [await new_user(db) for _ in range(3)]
-    thread = await db.fetchval("INSERT INTO threads (name) VALUES ('room') RETURNING id")
-    await db.execute(
-        "INSERT INTO thread_participants (thread_id, user_id, role) "
-        "VALUES ($1, $2, 'owner'), ($1, $3, 'member')",
-        thread,
-        uuid.UUID(owner),
-        uuid.UUID(member),
-    )
-    return Room(str(thread), owner, member, outsider)
 
 
 @pytest.fixture

@@ -5,12 +5,17 @@ NUL, SQL and JSON fragments, 10^6 characters), UUIDs real and malformed, negativ
 and huge integers, unknown enum values, deep and wide Structs, random field
 mask paths; fields may also stay unset. A call may succeed, or fail with a client
 error carrying details; it may never be INTERNAL or UNKNOWN or hang, and a
-refused call writes nothing. Bytes that are not valid UTF-8 in a string field
+refused call writes nothing. String fields also draw the ids of a seeded world
+(users, a group, messages, a reply, an attachment), so calls reach real rows and
+succeed too; after every call, accepted or refused, the data's rules are checked
+(INVARIANTS). Bytes that are not valid UTF-8 in a string field
 (what protobuf cannot even build) are sent raw over the wire as well.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -28,6 +33,7 @@ from services.common.server import ServiceDefinition
 from services.messages.service import DEFINITION as MESSAGES
 from services.threads.service import DEFINITION as THREADS
 from services.users.service import DEFINITION as USERS
+from tests.factories import new_room, send
 from tests.hostile.test_malformed_input import ALLOWED, FRAGMENTS, structs
 from tests.rpc_errors import error_info, violated_fields
 
@@ -65,8 +71,14 @@ SCALARS: dict[int, Any] = {
 }
 
 
-def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
-    """Requests of `descriptor`'s type with any subset of fields set to hostile values."""
+def message_strategy(
+    descriptor: Descriptor, depth: int = 0, known_ids: Sequence[str] = ()
+) -> st.SearchStrategy[Message]:
+    """Requests of `descriptor`'s type with any subset of fields set to hostile values.
+
+    String fields may also take the ids of a seeded world (`known_ids`), so calls
+    reach real users, threads and messages rather than only ids that match nothing.
+    """
     cls = GetMessageClass(descriptor)
     if descriptor.full_name == "google.protobuf.Struct":
         return structs.map(lambda value: _struct(value))
@@ -81,7 +93,11 @@ def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrateg
             if depth > 2:
                 continue
             assert field.message_type is not None
-            value: st.SearchStrategy[Any] = message_strategy(field.message_type, depth + 1)
+            value: st.SearchStrategy[Any] = message_strategy(
+                field.message_type, depth + 1, known_ids
+            )
+        elif field.type == FieldDescriptor.TYPE_STRING and known_ids:
+            value = st.one_of(st.sampled_from(list(known_ids)), SCALARS[field.type])
         else:
             value = SCALARS[field.type]
         if _repeated(field):
@@ -129,6 +145,63 @@ async def _counts(db: asyncpg.Pool) -> tuple[int, ...]:
     return tuple(row)
 
 
+# What must hold after any call, accepted or refused (each query counts violations).
+INVARIANTS = {
+    "a deleted message keeps no content or attachment": """
+        SELECT count(*) FROM messages m
+        WHERE m.status = 'deleted'
+          AND (m.content <> '' OR EXISTS (SELECT 1 FROM message_attachments a
+                                          WHERE a.message_id = m.id))
+    """,
+    "at most 20 attachments per message": """
+        SELECT count(*) FROM (SELECT 1 FROM message_attachments
+                              GROUP BY message_id HAVING count(*) > 20) over_limit
+    """,
+    "a direct thread has at most its two participants": """
+        SELECT count(*) FROM threads t
+        WHERE t.is_direct
+          AND (SELECT count(*) FROM thread_participants p WHERE p.thread_id = t.id) > 2
+    """,
+    "every position is within its thread's counter": """
+        SELECT count(*) FROM messages m JOIN threads t ON t.id = m.thread_id
+        WHERE m.seq > t.last_seq OR m.change_seq > t.last_seq
+    """,
+    "identities are in their ASCII form": """
+        SELECT count(*) FROM users WHERE email !~ '^[!-~]+$' OR username !~ '^[!-~]+$'
+    """,
+}
+
+
+async def _broken_invariants(db: asyncpg.Pool) -> list[str]:
+    return [name for name, sql in INVARIANTS.items() if await db.fetchval(sql)]
+
+
+@pytest.fixture
+async def world(db_pool: asyncpg.Pool) -> list[str]:
+    """Ids of a small seeded world: users, a group with messages, a reply, an attachment."""
+    room = await new_room(db_pool)
+    first = await send(db_pool, room.thread_id, room.owner, "first")
+    reply = await db_pool.fetchval(
+        "SELECT id FROM chat_send_message($1, $2, 'reply', $3, NULL, NULL, "
+        """'[{"url": "https://x.io/a", "type": "t", "name": "a", "size": 1}]'::jsonb)""",
+        uuid.UUID(room.thread_id),
+        uuid.UUID(room.member),
+        uuid.UUID(first),
+    )
+    attachment = await db_pool.fetchval(
+        "SELECT id FROM message_attachments WHERE message_id = $1", reply
+    )
+    return [
+        room.thread_id,
+        room.owner,
+        room.member,
+        room.outsider,
+        first,
+        str(reply),
+        str(attachment),
+    ]
+
+
 async def _call(
     channel: grpc.aio.Channel, method: MethodDescriptor, payload: bytes
 ) -> grpc.aio.AioRpcError | None:
@@ -174,15 +247,18 @@ async def test_generated_requests(
     method: MethodDescriptor,
     channels: dict[str, Any],
     db_pool: asyncpg.Pool,
+    world: list[str],
     data: st.DataObject,
 ) -> None:
     path = f"{method.containing_service.name}/{method.name}"
-    request = data.draw(message_strategy(method.input_type), label="request")
+    request = data.draw(message_strategy(method.input_type, known_ids=world), label="request")
     before = await _counts(db_pool)
     err = await _call(channels[definition.name], method, request.SerializeToString())
     if err is not None:
         _assert_allowed(err, path)
         assert await _counts(db_pool) == before, f"{path} was refused but wrote"
+    # Accepted or not, the rules still hold.
+    assert await _broken_invariants(db_pool) == [], (path, request)
 
 
 def _invalid_utf8_request(descriptor: Descriptor) -> bytes | None:

@@ -9,7 +9,6 @@ from chat.v1 import messages_pb2, messages_pb2_grpc
 
 from services.common.errors import Unavailable
 from services.common.server import Runtime, ServiceDefinition
-from services.messages.hub import StreamHub
 from services.messages.paging import (
     PAGE_TOKEN_RESERVE,
     largest_message_bytes,
@@ -17,6 +16,7 @@ from services.messages.paging import (
 )
 from services.messages.servicer import MessagesServicer
 from services.messages.settings import MessagesSettings
+from services.messages.streams import StreamHub
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
     await hub.start()
 
     async def end_streams() -> None:
-        await hub.end_all(Unavailable("the server is shutting down; resume from your cursor"))
+        # Before in-flight RPCs drain, so clients resume (elsewhere) from their cursor.
+        hub.end_streams(Unavailable("the server is shutting down; resume from your cursor"))
 
     runtime.stopping_hooks.append(end_streams)
     runtime.shutdown_hooks.append(hub.stop)

@@ -20,10 +20,9 @@ from services.common.validation import Violations, parse_optional_uuid, parse_uu
 from services.messages import policy, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
-from services.messages.hub import StreamHub
 from services.messages.paging import PageRequest, page_request
 from services.messages.settings import MessagesSettings
-from services.messages.stream import stream_thread
+from services.messages.streams import StreamHub
 from services.messages.validation import (
     attachment_of,
     attachments_of,
@@ -255,8 +254,5 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> AsyncIterator[messages_pb2.StreamThreadMessagesResponse]:
         thread_id = parse_uuid(request.thread_id, "thread_id")
         after = decode_cursor(request.after, thread_id) if request.after else None
-        caller = caller_of(context)
-        async for response in stream_thread(
-            self._pool, self._hub, self._settings, thread_id, caller.user_id, after
-        ):
+        async for response in self._hub.stream(thread_id, after, caller_of(context)):
             yield response

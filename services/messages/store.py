@@ -253,7 +253,7 @@ EVENTS_AFTER = named(
 # May these readers still stream the thread? One row per thread that exists:
 # archived or not, its position, which of the users $2 are participants and
 # which are inactive or gone. The hub reads this *after* the events it is about
-# to deliver (see hub.py: "events, then access").
+# to deliver (see streams/fanout.py: "events, then access").
 STREAM_ACCESS = named(
     "messages.stream_access",
     """

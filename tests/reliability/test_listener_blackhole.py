@@ -43,7 +43,7 @@ from tests.messages.conftest import Room, new_room
 from tests.processes import ServiceProcess, start_service_process
 from tests.rpc_errors import as_user
 
-LISTENER_APPLICATION = "chat-messages-listener"  # services/messages/hub.py
+LISTENER_APPLICATION = "chat-messages-listener"  # services/messages/streams/listener.py
 
 # The bound on noticing the dead listener and delivering what it missed, with the
 # defaults of `make run` (services/messages/settings.py): the blackhole may start

@@ -1,28 +1,23 @@
-"""Live delivery: one LISTEN connection per process fanning thread events out to streams.
+"""Fan-out: one feed per thread with open streams in this process, one bounded
+buffer per stream.
 
-A send (or edit, delete, attachment, removal) commits and NOTIFYs
-`chat_thread_events` with "thread_id:position". The hub keeps one feed per
-thread that has open streams in this process; when a thread has news it
-fetches the new events once (not once per subscriber) and offers them to every
-subscriber's bounded buffer. A subscriber that falls too far behind (events or
-bytes) is ended with RESOURCE_EXHAUSTED instead of growing memory; it resumes
-from its cursor.
+When a thread has news its feed fetches the new events once (not once per
+subscriber), converts them once and offers them to every subscriber's buffer.
+A subscriber that falls too far behind (events or bytes) is ended with
+RESOURCE_EXHAUSTED instead of growing memory; it resumes from its cursor.
 
 Who may still read is decided by the database, never by a notification alone.
 Every fetch reads the events first and the subscribers' access second (thread
-exists, not archived, each user a participant and active). Whatever committed
-after a removal is only visible in a snapshot that also shows the removal, so
-the later access read catches it: nothing committed after a removal reaches
-the removed user, whether or not its `chat_membership` notification arrived.
-That notification only makes the re-check happen at once; after the listening
-connection is re-opened (notifications in between are lost) every feed is
-re-checked and caught up.
+exists, not archived, each user a participant and active; the rule is
+policy.stream_refusal). Whatever committed after a removal is only visible in a
+snapshot that also shows the removal, so the later access read catches it:
+nothing committed after a removal reaches the removed user, whether or not its
+`chat_membership` notification arrived. That notification only makes the
+re-check happen at once; after the listening connection is re-opened
+(notifications in between are lost) every feed is re-checked and caught up.
 
-The listening connection is probed with a heartbeat; a probe that fails or
-stays unanswered marks it dead (a blackholed TCP connection raises nothing),
-and it is re-opened with exponential backoff and jitter. Fetches of different
-threads run side by side (bounded), and a failed fetch retries that thread
-alone, with backoff.
+Fetches of different threads run side by side (bounded), and a failed fetch
+retries that thread alone, with backoff.
 """
 
 from __future__ import annotations
@@ -30,22 +25,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 from collections.abc import Iterable
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 from prometheus_client import Counter, Gauge
 
-from services.common import channels, interrupts
+from services.common import interrupts
 from services.common.errors import DomainError, ResourceExhausted, Unavailable
-from services.common.pool import QUERY_FAILURES, connect
-from services.common.settings import DatabaseSettings
+from services.common.pool import QUERY_FAILURES
 from services.messages import store
 from services.messages.convert import StreamEvent, stream_event
 from services.messages.policy import stream_refusal
 from services.messages.settings import MessagesSettings
+from services.messages.streams.backoff import jittered
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +50,6 @@ DROPPED = Counter(
 REFUSED = Counter(
     "chat_streams_refused_total", "Streams refused because the process was at STREAM_MAX_OPEN"
 )
-LISTENER_RECONNECTS = Counter(
-    "chat_stream_listener_reconnects_total", "Times the LISTEN connection was re-opened"
-)
-
-# A listening connection that fails like this is replaced.
-_LISTENER_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, OSError, *QUERY_FAILURES)
 
 # How long a stream refused at the open-stream limit is told to wait.
 RETRY_AFTER_LIMIT_S = 1.0
@@ -82,10 +69,10 @@ class Subscription:
         self._bytes = 0
         self._wake = asyncio.Event()
         self._error: DomainError | None = None
-        # The feed's position when this subscription joined: every event after it
-        # is offered here. Set once, when the feed knows its position.
+        # The feed's position when this subscription started (its access checked):
+        # every event after it is offered here. Set once.
         self.start_seq: int | None = None
-        self.started = asyncio.get_running_loop().create_future()
+        self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         # The RPC this subscription serves: ended from here when the subscription
         # ends, even while it is stuck writing to a client that does not read.
         self._rpc = asyncio.current_task()
@@ -94,11 +81,16 @@ class Subscription:
     def ended(self) -> bool:
         return self._error is not None
 
+    async def started(self) -> int:
+        """The start position, once a fetch has checked the caller's access; raises
+        the reason when it may not stream."""
+        return await self._started
+
     def _start(self, position: int) -> None:
         if self.start_seq is None:
             self.start_seq = position
-            if not self.started.done():
-                self.started.set_result(None)
+            if not self._started.done():
+                self._started.set_result(position)
 
     def offer(self, event: StreamEvent) -> None:
         if self._error is not None:
@@ -127,9 +119,9 @@ class Subscription:
         self._events.clear()
         self._bytes = 0
         self._wake.set()
-        if not self.started.done():
-            self.started.set_exception(error)
-            self.started.exception()  # retrieved: nobody may be waiting yet
+        if not self._started.done():
+            self._started.set_exception(error)
+            self._started.exception()  # retrieved: nobody may be waiting yet
         if self._rpc is not None and self._rpc is not asyncio.current_task():
             interrupts.interrupt(self._rpc, error)
 
@@ -159,44 +151,36 @@ class _Feed:
         self.task: asyncio.Task[None] | None = None
 
 
-class StreamHub:
-    def __init__(
-        self, pool: asyncpg.Pool, database: DatabaseSettings, settings: MessagesSettings
-    ) -> None:
+class Fanout:
+    """Every feed of the process and its subscriptions."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: MessagesSettings) -> None:
         self._pool = pool
-        self._database = database
         self._settings = settings
         self._feeds: dict[UUID, _Feed] = {}
         self._open = 0
         self._fetch_slots = asyncio.Semaphore(settings.stream_fetch_concurrency)
-        self._listener: asyncpg.Connection | None = None
-        self._listener_lost = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
+        self._closed = False
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def start(self) -> None:
-        await self._listen()
-        self._tasks = [
-            asyncio.create_task(self._supervise(), name="stream-hub-listener"),
-            asyncio.create_task(self._heartbeat(), name="stream-hub-heartbeat"),
-        ]
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    async def end_all(self, error: DomainError) -> None:
+    def close(self, error: DomainError) -> None:
+        """End every stream with `error` and refuse new ones (shutdown)."""
+        self._closed = True
         for feed in list(self._feeds.values()):
             for sub in list(feed.subscribers):
                 sub.end(error)
 
     async def stop(self) -> None:
-        self._stopping = True
-        await self.end_all(Unavailable("the server is shutting down; resume from your cursor"))
-        tasks = [*self._tasks, *(f.task for f in self._feeds.values() if f.task is not None)]
+        """Cancel the fetches still running (after close)."""
+        tasks = [f.task for f in self._feeds.values() if f.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._listener is not None and not self._listener.is_closed():
-            self._listener.terminate()
 
     @property
     def subscriber_count(self) -> int:
@@ -220,8 +204,8 @@ class StreamHub:
 
     def subscribe(self, thread_id: UUID, user_id: UUID | None) -> Subscription:
         """Register a stream at once (no await: nothing can slip between the caller's
-        steps). Await `sub.started` before reading `sub.start_seq`."""
-        if self._stopping:
+        steps). Await `sub.started()` for its start position."""
+        if self._closed:
             raise Unavailable("the server is shutting down; resume from your cursor")
         if self._open >= self._settings.stream_max_open:
             REFUSED.inc()
@@ -260,12 +244,45 @@ class StreamHub:
             if feed.task is not None and not feed.task.done():
                 feed.task.cancel()
 
+    # -- news (from the listener) --------------------------------------------
+
+    def thread_changed(self, thread_id: UUID) -> None:
+        """The thread has new events: fetch them."""
+        self._check_threads((thread_id,))
+
+    def membership_changed(self, thread_id: UUID | None, user_id: UUID | None) -> None:
+        """Who may read changed: re-check the thread's subscribers, or (no thread)
+        every feed the user reads (deactivated or deleted)."""
+        if thread_id is not None:
+            self._check_threads((thread_id,), recheck=True)
+        elif user_id is not None:
+            self._check_threads(
+                (
+                    feed.thread_id
+                    for feed in list(self._feeds.values())
+                    if any(sub.user_id == user_id for sub in feed.subscribers)
+                ),
+                recheck=True,
+            )
+
+    def notifications_lost(self) -> None:
+        """Re-check and catch up every feed (the listener was re-opened)."""
+        log.info("listening again; re-checking %d thread feed(s)", len(self._feeds))
+        self._check_threads(list(self._feeds), recheck=True)
+
+    def _check_threads(self, thread_ids: Iterable[UUID], *, recheck: bool = False) -> None:
+        for thread_id in thread_ids:
+            feed = self._feeds.get(thread_id)
+            if feed is not None:
+                feed.recheck = feed.recheck or recheck
+                self._kick(feed)
+
     # -- fetching ------------------------------------------------------------
 
     def _kick(self, feed: _Feed) -> None:
         """Fetch `feed` soon; one fetch task per feed, re-run while it is dirty."""
         feed.dirty = True
-        if self._stopping or (feed.task is not None and not feed.task.done()):
+        if self._closed or (feed.task is not None and not feed.task.done()):
             return
         feed.task = asyncio.create_task(self._run_feed(feed), name=f"feed-{feed.thread_id}")
 
@@ -291,7 +308,7 @@ class StreamHub:
                 for sub in list(feed.subscribers):
                     if sub.start_seq is None:
                         sub.end(Unavailable("the database is unavailable; retry with backoff"))
-                await asyncio.sleep(_jittered(delay))
+                await asyncio.sleep(jittered(delay))
                 delay = min(delay * 2, self._settings.listener_retry_max_s)
             except Exception:
                 # A bug, not an outage: say so loudly, and end this feed's streams with
@@ -344,7 +361,10 @@ class StreamHub:
     ) -> None:
         """Offer `batch` to every checked subscriber; end those who lost access.
 
-        Synchronous on purpose: every subscriber of the feed was checked."""
+        Synchronous on purpose: every subscriber of the feed was checked. Every
+        event of the batch lies after the feed's position, where any subscriber
+        started, so each is offered whole; the stream itself skips what its
+        replay already sent (hub.py, the one dedup rule)."""
         if feed.position is None:
             feed.position = min((a.last_seq for a in checked.values() if a is not None), default=0)
         converted = [stream_event(event) for event in batch.events]
@@ -357,100 +377,6 @@ class StreamHub:
                 continue
             sub._start(feed.position)
             for event in converted:
-                if event.position > sub.start_seq:  # type: ignore[operator]
-                    sub.offer(event)
+                sub.offer(event)
         if batch.events:
             feed.position = batch.events[-1].position
-
-    def _check_threads(self, thread_ids: Iterable[UUID], *, recheck: bool = False) -> None:
-        for thread_id in thread_ids:
-            feed = self._feeds.get(thread_id)
-            if feed is not None:
-                feed.recheck = feed.recheck or recheck
-                self._kick(feed)
-
-    # -- notifications -------------------------------------------------------
-
-    async def _listen(self) -> None:
-        conn = await connect(self._database, application_name="chat-messages-listener")
-        try:
-            await conn.add_listener(channels.THREAD_EVENTS, self._on_event)
-            await conn.add_listener(channels.MEMBERSHIP, self._on_membership)
-        except BaseException:
-            conn.terminate()
-            raise
-        conn.add_termination_listener(self._on_terminated)
-        self._listener = conn
-        self._listener_lost.clear()
-
-    def _on_terminated(self, conn: Any) -> None:
-        if conn is self._listener:
-            self._listener_lost.set()
-
-    def _on_event(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            event = channels.parse_thread_event(payload)
-        except ValueError:
-            log.warning("ignoring malformed notification %r", payload)
-            return
-        self._check_threads((event.thread_id,))
-
-    def _on_membership(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            change = channels.parse_membership_change(payload)
-        except ValueError:
-            log.warning("ignoring malformed membership notification %r", payload)
-            return
-        thread_id, user_id = change.thread_id, change.user_id
-        if thread_id is not None:
-            self._check_threads((thread_id,), recheck=True)
-        elif user_id is not None:  # deactivated or deleted: every feed that user reads
-            self._check_threads(
-                (
-                    feed.thread_id
-                    for feed in list(self._feeds.values())
-                    if any(sub.user_id == user_id for sub in feed.subscribers)
-                ),
-                recheck=True,
-            )
-
-    async def _heartbeat(self) -> None:
-        """Probe the listening connection; one that does not answer is dead."""
-        while True:
-            await asyncio.sleep(self._settings.listener_heartbeat_s)
-            conn = self._listener
-            if conn is None or conn.is_closed() or self._listener_lost.is_set():
-                continue
-            try:
-                async with asyncio.timeout(self._settings.listener_heartbeat_timeout_s):
-                    await conn.execute("SELECT 1")
-            except _LISTENER_FAILURES as exc:
-                log.warning(
-                    "listening connection failed its heartbeat (%s); replacing it",
-                    type(exc).__name__,
-                )
-                conn.terminate()
-                self._listener_lost.set()
-
-    async def _supervise(self) -> None:
-        """Re-open a dropped listening connection, then re-check and catch up every feed."""
-        while True:
-            await self._listener_lost.wait()
-            log.warning("listening connection lost; reconnecting")
-            delay = self._settings.listener_retry_s
-            while True:
-                await asyncio.sleep(_jittered(delay))
-                try:
-                    await self._listen()
-                    break
-                except _LISTENER_FAILURES as exc:
-                    log.warning("re-opening the listening connection failed: %s", exc)
-                    delay = min(delay * 2, self._settings.listener_retry_max_s)
-            LISTENER_RECONNECTS.inc()
-            log.info("listening again; re-checking %d thread feed(s)", len(self._feeds))
-            self._check_threads(list(self._feeds), recheck=True)
-
-
-def _jittered(delay: float) -> float:
-    """`delay` spread over [delay/2, delay]: replicas do not reconnect in lockstep."""
-    return delay * (0.5 + random.random() / 2)  # not security: spreading reconnects

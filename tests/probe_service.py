@@ -65,6 +65,17 @@ async def _probe_stream(request: bytes, context: Context) -> AsyncIterator[bytes
     raise InvalidArgument.field("after", "bad cursor")
 
 
+UPLOADS: list[bytes] = []
+
+
+async def _probe_upload(requests: AsyncIterator[bytes], context: Context) -> bytes:
+    """A client-streaming method: the interceptor does not wrap this kind, so it must
+    never run (fail closed), whatever the token or the caller."""
+    async for request in requests:
+        UPLOADS.append(request)
+    return b"uploaded"
+
+
 PROBE_RUNTIME: list[Runtime] = []
 
 
@@ -77,6 +88,7 @@ async def _register(server: grpc.aio.Server, runtime: Runtime) -> None:
                 {
                     "Call": grpc.unary_unary_rpc_method_handler(_probe),
                     "Stream": grpc.unary_stream_rpc_method_handler(_probe_stream),
+                    "Upload": grpc.stream_unary_rpc_method_handler(_probe_upload),
                 },
             ),
         )

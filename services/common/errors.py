@@ -181,10 +181,13 @@ def _retry_info(retry_after_s: float | None) -> Iterable[object]:
 
 
 class Unavailable(DomainError):
-    """Retry with backoff; `retry_after_s` adds a google.rpc.RetryInfo hint."""
+    """Retry with backoff; `retry_after_s` adds a google.rpc.RetryInfo hint.
+
+    The reason says why: DatabaseUnavailable and ShuttingDown below, or one given.
+    """
 
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "DATABASE_UNAVAILABLE"
+    default_reason = "UNAVAILABLE"
 
     def __init__(
         self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
@@ -194,6 +197,18 @@ class Unavailable(DomainError):
 
     def extra_details(self) -> Iterable[object]:
         yield from _retry_info(self.retry_after_s)
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database did not answer (down, stalled or unreachable)."""
+
+    default_reason = "DATABASE_UNAVAILABLE"
+
+
+class ShuttingDown(Unavailable):
+    """This server is stopping: retry on another replica, or resume a stream."""
+
+    default_reason = "SHUTTING_DOWN"
 
 
 class Aborted(DomainError):

@@ -3,10 +3,18 @@
 Metadata `x-user-id` names the end user a call acts for; without it the call is a
 trusted service call that may do everything. (Which *service* is calling is
 authenticated separately by the bearer token, see interceptors.py.)
+
+The header is parsed once per call, by the interceptor (`parse_caller`), which
+carries the result in a context variable for the rest of the call
+(`bound_caller`); handlers read it with `caller_of(context)`. grpc.aio runs each
+RPC in a task of its own, so the variable never leaks from one call to another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -43,8 +51,9 @@ def metadata_values(context: Context, key: str) -> list[str]:
     ]
 
 
-def caller_of(context: Context) -> Caller:
-    """Who the call acts for; an ambiguous identity is refused, never read as trusted.
+def parse_caller(context: Context) -> Caller:
+    """Who the call acts for, read from its metadata; an ambiguous identity is refused,
+    never read as trusted.
 
     No header: a trusted call. An empty header, or the header twice (even with one
     value), is INVALID_ARGUMENT naming it: a proxy that blanks or appends the
@@ -65,14 +74,36 @@ def caller_of(context: Context) -> Caller:
         raise InvalidArgument.field(USER_ID_HEADER, "must be a UUID") from None
 
 
-async def require_active_caller(pool: asyncpg.Pool, context: Context) -> None:
+_CALLER: ContextVar[Caller | None] = ContextVar("chat_caller", default=None)
+
+
+@contextmanager
+def bound_caller(caller: Caller) -> Iterator[Caller]:
+    """Make `caller` the current call's caller until the block ends (the interceptor)."""
+    token = _CALLER.set(caller)
+    try:
+        yield caller
+    finally:
+        _CALLER.reset(token)
+
+
+def caller_of(context: Context) -> Caller:
+    """The caller the interceptor parsed for this call.
+
+    A handler run without the interceptor (none is, in the services) gets the
+    header parsed here, by the same rules: never a trusted call by default.
+    """
+    caller = _CALLER.get()
+    return parse_caller(context) if caller is None else caller
+
+
+async def require_active_caller(pool: asyncpg.Pool, caller: Caller) -> None:
     """A call made for an end user needs that user to exist and be active.
 
     A deactivated (or deleted) account acts on nothing, on any service: one
     primary-key lookup per user-scoped call, so deactivation takes effect at once
     (no cache that would let a deactivated user act for a while longer).
     """
-    caller = caller_of(context)
     if caller.user_id is None:
         return
     active = await pool.fetchval(ACTIVE_CALLER, caller.user_id)
@@ -86,10 +117,13 @@ async def require_active_caller(pool: asyncpg.Pool, context: Context) -> None:
         raise user_inactive(caller.user_id)
 
 
-def user_inactive(user_id: UUID) -> PermissionDenied:
-    """The error of a deactivated (or since deleted) user acting, or still streaming."""
+def user_inactive(
+    user_id: UUID, message: str = "the calling user is deactivated"
+) -> PermissionDenied:
+    """The error of a deactivated (or since deleted) user acting: calling, still
+    streaming, sending or logging in. USER_INACTIVE is always PERMISSION_DENIED."""
     return PermissionDenied(
-        "the calling user is deactivated",
+        message,
         reason="USER_INACTIVE",
         metadata={"user_id": str(user_id)},
     )

@@ -38,18 +38,20 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_status import rpc_status
 
 from services.common import interrupts
 from services.common.errors import (
     Aborted,
+    DatabaseUnavailable,
     DeadlineExceeded,
     DomainError,
     Internal,
     InvalidArgument,
     Unauthenticated,
-    Unavailable,
     Unimplemented,
 )
+from services.common.identity import Caller, bound_caller, parse_caller
 from services.common.metrics import observe_rpc
 from services.common.pool import CONNECTION_ERRORS, PoolAcquireTimeout, RowLockWaitTimeout
 from services.common.types import Context
@@ -58,8 +60,6 @@ log = logging.getLogger("services.rpc")
 
 # Methods callable without a token even when AUTH_TOKENS is set: probes and tooling.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 UnaryBehavior = Callable[[Any, Context], Awaitable[Any]]
 # A server-streaming handler either yields its responses (an async generator, as
@@ -78,10 +78,10 @@ def _token_matches(presented: str, tokens: Sequence[str]) -> bool:
     return matched
 
 
-CallerCheck = Callable[[Context], Awaitable[None]]
+CallerCheck = Callable[[Caller], Awaitable[None]]
 
 
-async def _any_caller(context: Context) -> None:
+async def _any_caller(caller: Caller) -> None:
     return None
 
 
@@ -154,7 +154,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
-        return handler  # client-streaming: not used by this project
+        # Client-streaming (unused here) or a kind grpcio may add: a handler this
+        # interceptor does not wrap would skip authentication, so it is refused.
+        return grpc.stream_unary_rpc_method_handler(
+            _refuse_unwrapped(method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _is_open(self, method: str) -> bool:
         return method.startswith(self._open_prefixes)
@@ -177,12 +183,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             call = _CallRecord.start(method, context, quiet=quiet)
             code = grpc.StatusCode.OK
             try:
-                if not quiet:
-                    if needs_token:
-                        self._authenticate(context)
-                    _require_decoded(request)  # before the caller check's lookup
-                    await self._check_caller(context)
-                return await inner(request, context)
+                if quiet:
+                    return await inner(request, context)
+                if needs_token:
+                    self._authenticate(context)
+                _require_decoded(request)  # before the caller check's lookup
+                # The one parse of x-user-id; handlers read it with caller_of().
+                with bound_caller(parse_caller(context)) as caller:
+                    await self._check_caller(caller)
+                    return await inner(request, context)
             except BaseException as exc:
                 code, error = _classify(exc, method, context)
                 if error is None:
@@ -203,12 +212,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             call = _CallRecord.start(method, context, quiet=quiet)
             code = grpc.StatusCode.OK
             try:
-                if not quiet:
+                if quiet:
+                    await _drive(inner(request, context), context)
+                else:
                     if needs_token:
                         self._authenticate(context)
                     _require_decoded(request)  # before the caller check's lookup
-                    await self._check_caller(context)
-                await _drive(inner(request, context), context)
+                    # The one parse of x-user-id; handlers read it with caller_of().
+                    with bound_caller(parse_caller(context)) as caller:
+                        await self._check_caller(caller)
+                        await _drive(inner(request, context), context)
             except BaseException as exc:
                 # Ended from outside with a status (services/common/interrupts.py),
                 # e.g. a stream stuck writing to a client that stopped reading.
@@ -223,6 +236,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 _log_rpc(call, code)
 
         return behavior
+
+
+def _refuse_unwrapped(method: str) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def refuse(requests: Any, context: Context) -> Any:
+        log.error("%s has a handler kind the interceptor does not wrap: refused", method)
+        await _abort(context, Unimplemented(f"{method} is not served"))
+
+    return refuse
 
 
 # How long an interrupted stream waits for the write it was cancelled in before
@@ -327,7 +348,7 @@ def _classify(
     lost = _connection_error_in(exc)
     if lost is not None:
         log.warning("database unavailable during %s: %s: %s", method, type(lost).__name__, lost)
-        return grpc.StatusCode.UNAVAILABLE, Unavailable(
+        return grpc.StatusCode.UNAVAILABLE, DatabaseUnavailable(
             "the database is unavailable; retry with backoff"
         )
     if isinstance(exc, Exception):
@@ -365,7 +386,7 @@ def _bounded_wait_error(exc: BaseException) -> tuple[BaseException, DomainError]
                 return ahead
             lost = _connection_error_in(cause.ahead)
             if lost is not None:
-                return lost, Unavailable("the database is unavailable; retry with backoff")
+                return lost, DatabaseUnavailable("the database is unavailable; retry with backoff")
         if isinstance(cause, asyncpg.LockNotAvailableError | RowLockWaitTimeout):
             return cause, Aborted(
                 "a row this call needs stayed locked by another transaction "
@@ -374,7 +395,7 @@ def _bounded_wait_error(exc: BaseException) -> tuple[BaseException, DomainError]
                 retry_after_s=RETRY_AFTER_S,
             )
         if isinstance(cause, PoolAcquireTimeout) and cause.busy:
-            return cause, Unavailable(
+            return cause, DatabaseUnavailable(
                 "every database connection of this server is in use "
                 "(DB_POOL_ACQUIRE_TIMEOUT); retry with backoff",
                 reason="DATABASE_BUSY",
@@ -413,12 +434,10 @@ def _connection_error_in(exc: BaseException) -> BaseException | None:
 
 
 async def _abort(context: Context, error: DomainError) -> None:
-    """End the RPC with `error`'s code, message and google.rpc.Status details."""
-    await context.abort(
-        error.code,
-        error.message,
-        trailing_metadata=((STATUS_DETAILS_KEY, error.to_status().SerializeToString()),),
-    )
+    """End the RPC with `error`'s code, message and google.rpc.Status details
+    (grpcio-status puts the Status in the `grpc-status-details-bin` trailer)."""
+    status = rpc_status.to_status(error.to_status())
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 # Levels of the per-RPC line by status code (RPC_LOG_LEVEL=WARNING keeps only failures).

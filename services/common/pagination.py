@@ -4,6 +4,13 @@ A token is URL-safe base64 of a small JSON document holding the keyset position
 of the last row served and a fingerprint of the request's other parameters; a
 token reused with different parameters, or tampered with, is INVALID_ARGUMENT.
 Tokens never expire: they are positions, not server-side cursors.
+
+Every list RPC pages through one `PageCodec`: its kind (`PageKind`) and its
+typed position (`Position`) say what a token holds; `codec.page(...)` decodes
+a request's token, says how many rows to fetch (one more than the page, to know
+whether another follows) and `page.finish(rows, ...)` trims them and makes the
+next token. The JSON spelling is the one these functions always wrote, so
+tokens handed out before stay valid.
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from services.common.errors import InvalidArgument
@@ -116,3 +126,79 @@ def id_position(position: list[Any]) -> UUID:
         return UUID(text_position(position, max_len=36))
     except ValueError:
         raise _bad_position() from None
+
+
+class PageKind(StrEnum):
+    """What a token pages through; a token of one kind is refused by every other."""
+
+    USERS = "users"
+    INBOX = "inbox"
+    PARTICIPANTS = "participants"
+    HISTORY = "history"
+    REPLIES = "replies"
+    USER_HISTORY = "user-history"
+    SEARCH = "search"
+
+
+P = TypeVar("P")
+R = TypeVar("R")
+Params = Mapping[str, Any]
+TimeId = tuple[datetime, UUID]
+
+
+@dataclass(frozen=True)
+class Position(Generic[P]):
+    """A keyset position type: how it is written into a token and read back, checked."""
+
+    dump: Callable[[P], list[Any]]
+    load: Callable[[list[Any]], P]
+
+
+TIME_ID: Position[TimeId] = Position(
+    dump=lambda at_id: [at_id[0].isoformat(), str(at_id[1])], load=time_id_position
+)
+ID: Position[UUID] = Position(dump=lambda ident: [str(ident)], load=id_position)
+
+
+def text(max_len: int) -> Position[str]:
+    """A one-string position of at most `max_len` characters."""
+    return Position(dump=lambda value: [value], load=lambda p: text_position(p, max_len=max_len))
+
+
+@dataclass(frozen=True)
+class PageCodec(Generic[P]):
+    kind: PageKind
+    position: Position[P]
+
+    def encode(self, position: P, params: Params) -> str:
+        """The token of the page that starts right after `position`."""
+        return encode_page_token(self.kind.value, params, self.position.dump(position))
+
+    def decode(self, token: str, params: Params) -> P | None:
+        """The position in `token` (checked), or None for the first page."""
+        raw = decode_page_token(token, self.kind.value, params)
+        return None if raw is None else self.position.load(raw)
+
+    def page(self, size: int, token: str, params: Params) -> Page[P]:
+        """The page a request asks for; `size` as page_size_of gave it."""
+        return Page(self, params, size, self.decode(token, params))
+
+
+@dataclass(frozen=True)
+class Page(Generic[P]):
+    codec: PageCodec[P]
+    params: Params
+    size: int
+    after: P | None  # the position to continue after; None for the first page
+
+    @property
+    def fetch(self) -> int:
+        """Rows to read: one more than the page says whether another page follows."""
+        return self.size + 1
+
+    def finish(self, rows: Sequence[R], position_of: Callable[[R], P]) -> tuple[list[R], str]:
+        """The rows to serve and the next page token ("" when this page is the last)."""
+        if len(rows) <= self.size:
+            return list(rows), ""
+        served = list(rows[: self.size])
+        return served, self.codec.encode(position_of(served[-1]), self.params)

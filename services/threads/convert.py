@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from chat.v1 import threads_pb2
 
+from services.common.access import ThreadRow
 from services.common.convert import to_timestamp
-from services.threads.store import ParticipantRow, ThreadRow
+from services.threads.store import ParticipantRow
 
 ROLE_TO_PROTO = {
     "owner": threads_pb2.PARTICIPANT_ROLE_OWNER,

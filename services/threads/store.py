@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
+from services.common.access import ThreadRow, thread_row
 from services.common.errors import NotFound
 from services.common.queries import named
 from services.common.types import DbConnection
@@ -17,17 +18,6 @@ from services.common.types import DbConnection
 # "UNREAD_CAP+" (capped). Counting stops there, so an inbox page costs at most
 # page_size * (UNREAD_CAP + 1) index entries however large the backlog.
 UNREAD_CAP = 100
-
-
-@dataclass(frozen=True)
-class ThreadRow:
-    id: UUID
-    name: str | None
-    is_direct: bool
-    is_archived: bool
-    last_message_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -47,16 +37,8 @@ class InboxRow:
     activity_at: datetime
 
 
-def _thread(record: asyncpg.Record) -> ThreadRow:
-    return ThreadRow(
-        id=record["id"],
-        name=record["name"],
-        is_direct=record["is_direct"],
-        is_archived=record["is_archived"],
-        last_message_at=record["last_message_at"],
-        created_at=record["created_at"],
-        updated_at=record["updated_at"],
-    )
+# One shape of a thread row for every service (access reads it too).
+_thread = thread_row
 
 
 def _participant(record: asyncpg.Record) -> ParticipantRow:
@@ -113,22 +95,6 @@ PARTICIPANTS_OF = named(
     SELECT thread_id, user_id, role, last_read_at, created_at
     FROM thread_participants WHERE thread_id = $1 AND user_id = ANY ($2::uuid[])
     ORDER BY user_id
-    """,
-)
-GET = named(
-    "threads.get",
-    """
-    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    FROM threads WHERE id = $1
-    """,
-)
-# The thread row locked for the rest of the transaction: membership changes of
-# one thread serialise on it (the last-owner rule is checked under this lock).
-LOCK = named(
-    "threads.lock",
-    """
-    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    FROM threads WHERE id = $1 FOR UPDATE
     """,
 )
 MEMBERSHIP = named(
@@ -260,14 +226,19 @@ UNREAD_TOTALS = named(
 )
 
 
-async def lock_users(conn: DbConnection, user_ids: Sequence[UUID]) -> list[UUID]:
-    """Lock the users that exist (see LOCK_USERS); the ones that do not, in request order."""
+async def lock_users(conn: DbConnection, user_ids: Sequence[UUID]) -> None:
+    """Lock the users a membership change names (see LOCK_USERS): call it before
+    locking a thread (users first, then threads, the order DeleteUser takes).
+    NOT_FOUND unless every one exists."""
     found = {row["id"] for row in await conn.fetch(LOCK_USERS, list(user_ids))}
-    return [user_id for user_id in user_ids if user_id not in found]
+    missing = [user_id for user_id in user_ids if user_id not in found]
+    if missing:
+        names = ", ".join(map(str, missing))
+        raise NotFound("user", names, f"unknown users: {names}")
 
 
 async def create_group(
-    conn: DbConnection, name: str | None, members: dict[UUID, str]
+    conn: DbConnection, name: str | None, members: Mapping[UUID, str]
 ) -> tuple[ThreadRow, list[ParticipantRow]]:
     """Thread and participants in the caller's transaction; `members` maps user -> role."""
     record = await conn.fetchrow(INSERT_GROUP, name)
@@ -293,7 +264,9 @@ async def get_or_create_direct(
     return _thread(existing), False
 
 
-async def add_participants(conn: DbConnection, thread_id: UUID, members: dict[UUID, str]) -> None:
+async def add_participants(
+    conn: DbConnection, thread_id: UUID, members: Mapping[UUID, str]
+) -> None:
     ids = list(members)
     await conn.execute(ADD_PARTICIPANTS, thread_id, ids, [members[i] for i in ids])
 
@@ -302,13 +275,6 @@ async def participants_of(
     conn: DbConnection, thread_id: UUID, user_ids: Sequence[UUID]
 ) -> list[ParticipantRow]:
     return [_participant(r) for r in await conn.fetch(PARTICIPANTS_OF, thread_id, list(user_ids))]
-
-
-async def get_thread(conn: DbConnection, thread_id: UUID, *, lock: bool = False) -> ThreadRow:
-    record = await conn.fetchrow(LOCK if lock else GET, thread_id)
-    if record is None:
-        raise NotFound("thread", str(thread_id))
-    return _thread(record)
 
 
 async def membership(conn: DbConnection, thread_id: UUID, user_id: UUID) -> ParticipantRow | None:

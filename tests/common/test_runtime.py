@@ -14,9 +14,12 @@ import asyncpg
 import grpc
 import pytest
 
+from services.common import identity, interceptors
+from services.common.errors import InvalidArgument
+from services.common.identity import parse_caller
 from services.common.settings import ServiceSettings
 from tests.conftest import health_status, running
-from tests.probe_service import PROBE, call
+from tests.probe_service import PROBE, UPLOADS, call
 from tests.rpc_errors import error_info, rich_status, violated_fields
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +45,15 @@ async def test_invalid_argument_names_the_field(probe: grpc.aio.Channel) -> None
     assert violated_fields(caught.value) == {"name"}
     assert error_info(caught.value).reason == "INVALID_ARGUMENT"
     assert rich_status(caught.value).code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_the_status_trailer_is_the_google_rpc_status(probe: grpc.aio.Channel) -> None:
+    """What clients read without grpcio-status: the serialised Status under its key."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(probe, b"invalid")
+    trailer = dict(caught.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    expected = InvalidArgument.field("name", "is required").to_status().SerializeToString()
+    assert trailer == expected
 
 
 async def test_not_found_carries_resource_info(probe: grpc.aio.Channel) -> None:
@@ -120,6 +132,40 @@ async def test_caller_identity_from_metadata(
         await call(probe, b"whoami", (("x-user-id", "not-a-uuid"),))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violated_fields(caught.value) == {"x-user-id"}
+
+
+async def test_the_caller_is_parsed_once_per_call(
+    probe: grpc.aio.Channel, db_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interceptor parses x-user-id and carries it; the handler reads, never re-parses."""
+    user = str(
+        await db_pool.fetchval(
+            "INSERT INTO users (email, username) VALUES ('once@example.com', 'once') RETURNING id"
+        )
+    )
+    parses: list[object] = []
+
+    def counting(context: object) -> identity.Caller:
+        parses.append(context)
+        return parse_caller(context)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(identity, "parse_caller", counting)
+    monkeypatch.setattr(interceptors, "parse_caller", counting)
+    assert await call(probe, b"whoami", (("x-user-id", user),)) == user.encode()
+    assert len(parses) == 1
+    assert await call(probe, b"whoami") == b"trusted"
+    assert len(parses) == 2
+
+
+async def test_client_streaming_handlers_fail_closed(probe: grpc.aio.Channel) -> None:
+    """A handler kind the interceptor does not wrap would skip authentication: refused."""
+    method: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = probe.stream_unary(
+        "/test.Probe/Upload"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await method(iter([b"a", b"b"]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert UPLOADS == []
 
 
 async def test_bearer_tokens_required_when_configured(database_url: str) -> None:

@@ -1,0 +1,123 @@
+"""Thread visibility: the one rule every service applies before a thread is touched.
+
+Invariant: a call acting for a user (x-user-id) sees a thread only while that
+user participates in it; to anyone else it does not exist (NOT_FOUND, the same
+answer as for a thread that never existed, so existence does not leak). A
+trusted call sees every thread. Every service's policy module gets a thread
+through `visible_thread` and decides roles from the `ThreadAccess` it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from uuid import UUID
+
+import asyncpg
+
+from services.common.errors import NotFound
+from services.common.identity import Caller
+from services.common.queries import named
+from services.common.types import DbConnection
+
+
+class Role(StrEnum):
+    """A participant's role, spelled as the `thread_participants.role` column holds it."""
+
+    OWNER = "owner"
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+# Roles that manage a group: rename it, add and remove participants, change roles.
+MANAGERS = frozenset({Role.OWNER, Role.ADMIN})
+
+
+@dataclass(frozen=True)
+class ThreadRow:
+    id: UUID
+    name: str | None
+    is_direct: bool
+    is_archived: bool
+    last_message_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ThreadAccess:
+    """A thread as the caller may see it, and the caller's part in it."""
+
+    thread: ThreadRow
+    caller: Caller
+    # The caller's role; None only for a trusted call (which may do everything).
+    role: Role | None
+
+    @property
+    def trusted(self) -> bool:
+        return self.caller.trusted
+
+
+# Unlocked: the thread and the caller's role in one statement (a null $2, a
+# trusted call, matches no participant).
+THREAD_AND_ROLE = named(
+    "access.thread_and_role",
+    """
+    SELECT t.id, t.name, t.is_direct, t.is_archived, t.last_message_at, t.created_at,
+           t.updated_at, p.role
+    FROM threads t
+    LEFT JOIN thread_participants p ON p.thread_id = t.id AND p.user_id = $2
+    WHERE t.id = $1
+    """,
+)
+# Locked: the thread row FOR UPDATE for the rest of the transaction (membership
+# changes of one thread serialise on it), then the role by a second statement.
+# Not one join: a statement that waited for the lock still reads the joined
+# participant row as it was when the statement began, so a caller removed (or
+# demoted) by the transaction it waited for would keep their old role.
+LOCK_THREAD = named(
+    "access.lock_thread",
+    """
+    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
+    FROM threads WHERE id = $1 FOR UPDATE
+    """,
+)
+ROLE = named(
+    "access.role",
+    "SELECT role FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
+)
+
+
+def thread_row(record: asyncpg.Record) -> ThreadRow:
+    return ThreadRow(
+        id=record["id"],
+        name=record["name"],
+        is_direct=record["is_direct"],
+        is_archived=record["is_archived"],
+        last_message_at=record["last_message_at"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
+    )
+
+
+async def visible_thread(
+    conn: DbConnection, caller: Caller, thread_id: UUID, *, lock: bool = False
+) -> ThreadAccess:
+    """The thread and the caller's role in it; NOT_FOUND unless it participates (or
+    is trusted). `lock`: hold the thread row FOR UPDATE (inside a transaction)."""
+    if lock:
+        record = await conn.fetchrow(LOCK_THREAD, thread_id)
+        role = (
+            None
+            if record is None or caller.user_id is None
+            else await conn.fetchval(ROLE, thread_id, caller.user_id)
+        )
+    else:
+        record = await conn.fetchrow(THREAD_AND_ROLE, thread_id, caller.user_id)
+        role = None if record is None else record["role"]
+    if record is None or (caller.user_id is not None and role is None):
+        raise NotFound("thread", str(thread_id))
+    return ThreadAccess(
+        thread=thread_row(record), caller=caller, role=None if role is None else Role(role)
+    )

@@ -1,24 +1,21 @@
-"""chat.v1.UsersService: translates protobuf requests into store calls."""
+"""chat.v1.UsersService: translates protobuf requests into store calls.
+
+Each method parses its request, asks `policy` whether the caller may do it,
+calls the store and converts the result (permissions: services/users/policy.py).
+"""
 
 from __future__ import annotations
 
-from uuid import UUID
-
 from chat.v1 import users_pb2, users_pb2_grpc
 
-from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.errors import InvalidArgument
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
-from services.common.pagination import (
-    decode_page_token,
-    encode_page_token,
-    page_size_of,
-    text_position,
-)
+from services.common.pagination import PageCodec, PageKind, page_size_of, text
 from services.common.server import Runtime
 from services.common.types import Context
 from services.common.validation import Violations, parse_uuid
-from services.users import store
+from services.users import policy, store
 from services.users.convert import user_to_proto
 from services.users.validation import (
     BATCH_GET_MAX,
@@ -35,15 +32,9 @@ from services.users.validation import (
 # username (one migration 0009 could not bring to the identity form) may lengthen
 # when lowered, so a position may be longer than USERNAME_MAX.
 POSITION_MAX = 4 * USERNAME_MAX
+USER_PAGES = PageCodec(PageKind.USERS, text(POSITION_MAX))
 
 UPDATABLE = ("email", "username", "first_name", "last_name", "profile_image", "is_active")
-
-
-def _require_self(context: Context, user_id: UUID) -> None:
-    """With x-user-id, a caller acts only on their own user; trusted calls on any."""
-    caller = caller_of(context)
-    if not caller.trusted and not caller.is_user(user_id):
-        raise PermissionDenied("a user may only change their own account")
 
 
 class UsersServicer(users_pb2_grpc.UsersServiceServicer):
@@ -109,20 +100,17 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         violations.check_length(request.query, "query", max_len=QUERY_MAX)
         violations.raise_if_any()
         params = {"query": request.query.lower(), "inactive": request.include_inactive}
-        position = decode_page_token(request.page_token, "users", params)
+        page = USER_PAGES.page(size, request.page_token, params)
         async with self._pool.acquire() as conn:
-            listed = await store.list_users(
+            found = await store.list_users(
                 conn,
-                after_username=text_position(position, max_len=POSITION_MAX) if position else None,
+                after_username=page.after,
                 include_inactive=request.include_inactive,
                 query=request.query,
                 identity_query=identity_form(request.query),
-                limit=size + 1,
+                limit=page.fetch,
             )
-        token = ""
-        if len(listed) > size:
-            listed = listed[:size]
-            token = encode_page_token("users", params, [listed[-1].sort_key])
+        listed, token = page.finish(found, lambda item: item.sort_key)
         return users_pb2.ListUsersResponse(
             users=[user_to_proto(item.user) for item in listed], next_page_token=token
         )
@@ -138,7 +126,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         username = check_username(violations, user.username) if "username" in paths else None
         check_profile(violations, request.user, paths)
         violations.raise_if_any()
-        _require_self(context, user_id)
+        policy.may_change(caller_of(context), user_id)
         changes = store.UserChanges(
             fields=frozenset(paths),
             email=email or "",
@@ -156,7 +144,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.DeleteUserRequest, context: Context
     ) -> users_pb2.DeleteUserResponse:
         user_id = parse_uuid(request.id, "id")
-        _require_self(context, user_id)
+        policy.may_change(caller_of(context), user_id)
         async with self._pool.acquire() as conn, conn.transaction():
             await store.delete_user(conn, user_id)
         return users_pb2.DeleteUserResponse()
@@ -165,13 +153,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.RecordLoginRequest, context: Context
     ) -> users_pb2.RecordLoginResponse:
         user_id = parse_uuid(request.id, "id")
-        _require_self(context, user_id)
+        policy.may_change(caller_of(context), user_id)
         async with self._pool.acquire() as conn:
             row = await store.record_login(conn, user_id)
-        if row is None:
-            raise FailedPrecondition(
-                "the user is inactive and cannot log in",
-                reason="USER_INACTIVE",
-                subject=f"user/{user_id}",
-            )
-        return users_pb2.RecordLoginResponse(user=user_to_proto(row))
+        return users_pb2.RecordLoginResponse(user=user_to_proto(policy.logged_in(row, user_id)))

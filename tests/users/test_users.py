@@ -12,7 +12,7 @@ import pytest
 from chat.v1 import users_pb2, users_pb2_grpc
 from google.protobuf import field_mask_pb2
 
-from tests.rpc_errors import as_user, error_of, rich_status, violated_fields
+from tests.rpc_errors import as_user, error_info, error_of, rich_status, violated_fields
 
 if TYPE_CHECKING:
     Stub = users_pb2_grpc.UsersServiceAsyncStub
@@ -294,7 +294,9 @@ async def test_record_login_and_deactivation(users: Stub) -> None:
         )
     )
     err = await error_of(users.RecordLogin(users_pb2.RecordLoginRequest(id=ada.id)))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # USER_INACTIVE has one status wherever it is raised: a deactivated user acts on nothing.
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(err).reason == "USER_INACTIVE"
     err = await error_of(users.RecordLogin(users_pb2.RecordLoginRequest(id=str(uuid.uuid4()))))
     assert err.code() == grpc.StatusCode.NOT_FOUND
 

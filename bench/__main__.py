@@ -38,12 +38,14 @@ from bench.load import run_clients, run_subscribers
 from bench.seed import Seeded, seed
 from db.migrations import load_migrations
 from db.runner import Migrator
+from devtools.databases import with_database
+from devtools.processes import ServiceProcess, start_service_process
 from services.common.embedded import EmbeddedPostgres
-from services.common.pagination import decode_page_token
-from tests.postgres import with_database
-from tests.processes import ServiceProcess, start_service_process
+from services.common.pagination import TIME_ID, PageCodec, PageKind
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# ListMessages' page tokens (the seeded deep-page tokens are of this kind).
+HISTORY_PAGES = PageCodec(PageKind.HISTORY, TIME_ID)
 STREAM_SUBSCRIBERS = 1000
 STREAM_RATE = 50  # messages per second while the subscribers listen
 STREAM_SECONDS = 10
@@ -191,9 +193,7 @@ async def scenarios(
         for page, token in (("first page", ""), ("deep page", s.deep_tokens[size])):
             position = None
             if token:
-                raw = decode_page_token(token, "history", {"thread": thread})
-                assert raw is not None
-                position = (dt.datetime.fromisoformat(raw[0]), uuid.UUID(raw[1]))
+                position = HISTORY_PAGES.decode(token, {"thread": thread})
             sql = await bench.measure(
                 {"kind": "sql_list", "thread": thread, "position": position}, 8
             )

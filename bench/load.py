@@ -18,11 +18,26 @@ import grpc
 import uvloop
 from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2, threads_pb2_grpc
 
-from services.messages import store
-from services.messages.settings import MessagesSettings
-
-# The byte budget the service passes with each page (LIST_RESPONSE_MAX_BYTES).
-PAGE_BYTES = MessagesSettings.model_construct().list_response_max_bytes
+# The ceilings' own statements, never the messages store's constants (their
+# shape is the service's business): the send function the service calls, and a
+# history page as the index serves it (one keyset range scan on
+# idx_messages_thread), then the page's attachments. The service's page query
+# also stops at a byte budget; this one does not, so it is a ceiling.
+SEND_SQL = "SELECT * FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)"
+PAGE_SQL = """
+    SELECT id, thread_id, user_id, content, parent_id, status, metadata, created_at,
+           updated_at, seq, change_seq
+    FROM messages
+    WHERE thread_id = $1
+      AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+    ORDER BY created_at DESC, id DESC
+    LIMIT $4
+"""
+ATTACHMENTS_SQL = """
+    SELECT id, message_id, url, type, name, size, metadata, created_at
+    FROM message_attachments WHERE message_id = ANY ($1::uuid[])
+    ORDER BY created_at, id
+"""
 
 Call = Callable[[int, int], Awaitable[object]]
 
@@ -78,7 +93,7 @@ def _sql_call(kind: str, spec: dict[str, Any], pool: asyncpg.Pool) -> Call:
             thread, sender = targets[(i + n * spec["clients"]) % len(targets)]
             async with pool.acquire() as conn:
                 row = await conn.fetchrow(
-                    store.SEND, UUID(thread), UUID(sender), "bench", None, None, None, "[]"
+                    SEND_SQL, UUID(thread), UUID(sender), "bench", None, None, None, "[]"
                 )
                 assert row is not None
                 return row
@@ -89,10 +104,8 @@ def _sql_call(kind: str, spec: dict[str, Any], pool: asyncpg.Pool) -> Call:
 
     async def page(i: int, n: int) -> object:
         async with pool.acquire() as conn:
-            rows = await conn.fetch(
-                store.THREAD_PAGE_BOUNDED, thread, *(position or (None, None)), 51, PAGE_BYTES
-            )
-            return await conn.fetch(store.ATTACHMENTS_OF, [r["id"] for r in rows])
+            rows = await conn.fetch(PAGE_SQL, thread, *(position or (None, None)), 51)
+            return await conn.fetch(ATTACHMENTS_SQL, [r["id"] for r in rows])
 
     return page
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from services.common.pagination import encode_page_token
+from services.common.pagination import TIME_ID, PageCodec, PageKind
 
 MESSAGE_COLUMNS = [
     "id", "thread_id", "user_id", "content", "parent_id", "status", "metadata",
@@ -127,7 +127,7 @@ async def seed(conn: asyncpg.Connection, *, scale: float, say: Any) -> Seeded:
             offset - 1,
         )
         assert row is not None
-        out.deep_tokens[size] = encode_page_token(
-            "history", {"thread": history_thread}, [row["created_at"].isoformat(), str(row["id"])]
+        out.deep_tokens[size] = PageCodec(PageKind.HISTORY, TIME_ID).encode(
+            (row["created_at"], row["id"]), {"thread": history_thread}
         )
     return out

@@ -19,7 +19,7 @@ import time
 from db.migrations import load_migrations
 from db.runner import Migrator
 from services.common.embedded import EmbeddedPostgres
-from services.common.healthcheck import check
+from services.common.health_client import check
 from services.common.pool import CONNECT_FAILURES, connect, describe_connect_error
 from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, DatabaseSettings
 

@@ -16,18 +16,13 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from db.migrations import load_migrations
 from db.runner import Migrator
-
-
-def with_database(url: str, database: str) -> str:
-    """`url` pointing at another database on the same server."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
+from devtools.databases import with_database
 
 
 @contextmanager

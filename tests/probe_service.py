@@ -14,8 +14,8 @@ import grpc
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import caller_of
-from services.common.queries import named
 from services.common.server import Runtime, ServiceDefinition
+from services.common.statement_names import named
 from services.common.types import Context
 
 ANSWER_SQL = named("probe.answer", "SELECT 40 + 2")

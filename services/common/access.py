@@ -18,7 +18,7 @@ import asyncpg
 
 from services.common.errors import NotFound
 from services.common.identity import Caller
-from services.common.queries import named
+from services.common.statement_names import named
 from services.common.types import DbConnection
 
 

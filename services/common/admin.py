@@ -6,8 +6,8 @@ import asyncpg
 from chat.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf import duration_pb2
 
-from db.stats import collect_stats
 from services.common.convert import to_timestamp
+from services.common.database_stats import collect_stats
 from services.common.errors import PermissionDenied
 from services.common.identity import caller_of
 from services.common.types import Context

@@ -21,7 +21,7 @@ from uuid import UUID
 import asyncpg
 
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.queries import named
+from services.common.statement_names import named
 from services.common.types import Context
 
 USER_ID_HEADER = "x-user-id"

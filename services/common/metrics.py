@@ -3,7 +3,7 @@
 - chat_rpc_duration_seconds{method,code}: RPC latency histogram (its _count is
   the RPC count by method and status code).
 - chat_db_query_duration_seconds{query,outcome}: query execution time by the
-  statement's stable name (services/common/queries.py), never by SQL text.
+  statement's stable name (services/common/statement_names.py), never by SQL text.
 - chat_db_pool_connections{state}: pool size, idle, in use, max; and
   chat_db_pool_waiting: acquirers waiting for a connection.
 The messages service adds its stream gauges and counters to the same registry.
@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common.queries import name_of
+from services.common.statement_names import name_of
 
 log = logging.getLogger(__name__)
 

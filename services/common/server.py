@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from services.common.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from services.common.admin import AdminServicer
-from services.common.db_health import DatabaseHealthWatch
+from services.common.health_watch import DatabaseHealthWatch
 from services.common.identity import require_active_caller
 from services.common.interceptors import ServiceInterceptor
 from services.common.logs import configure_logging

@@ -11,7 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
-from services.common.queries import named
+from services.common.statement_names import named
 from services.common.types import DbConnection
 
 

@@ -11,7 +11,7 @@ import asyncpg
 
 from services.common.access import ThreadRow, thread_row
 from services.common.errors import NotFound
-from services.common.queries import named
+from services.common.statement_names import named
 from services.common.types import DbConnection
 
 # Unread counts are exact up to this many per thread; beyond it the count says

@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
-from services.common.queries import named
+from services.common.statement_names import named
 from services.common.types import DbConnection
 
 # Unique constraints and indexes on users, and the request field each protects.

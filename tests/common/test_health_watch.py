@@ -21,8 +21,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devtools.processes import ServiceProcess, start_service_process
 from tests.postgres import RestartablePostgres, migrate
-from tests.processes import ServiceProcess, start_service_process
 
 SERVICES = {
     "users": "chat.v1.UsersService",

@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from services.common.db_health import not_serving_bound
+from devtools.processes import SETTINGS_VARIABLES
+from services.common.health_watch import not_serving_bound
 from services.common.pool import KeyedGate, RowLockWaitTimeout, create_pool
 from services.common.settings import ServiceSettings
-from tests.processes import SETTINGS_VARIABLES
 
 BOUNDS = (
     "DB_STATEMENT_TIMEOUT",

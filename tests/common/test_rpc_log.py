@@ -16,9 +16,9 @@ import grpc
 import pytest
 from chat.v1 import users_pb2, users_pb2_grpc
 
+from devtools.processes import ServiceProcess, start_service_process
 from services.common.interceptors import rpc_log_level
 from tests.conftest import health_status
-from tests.processes import ServiceProcess, start_service_process
 
 GET_USER = "/chat.v1.UsersService/GetUser"
 CREATE_USER = "/chat.v1.UsersService/CreateUser"

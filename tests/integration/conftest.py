@@ -20,8 +20,8 @@ import grpc
 import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2_grpc, users_pb2, users_pb2_grpc
 
+from devtools.processes import ServiceProcess, start_service_process
 from tests.postgres import DatabaseFactory
-from tests.processes import ServiceProcess, start_service_process
 from tests.rpc_errors import as_user
 
 ADDRESS_VARIABLES = {"users": "USERS_ADDR", "threads": "THREADS_ADDR", "messages": "MESSAGES_ADDR"}

@@ -13,11 +13,11 @@ import grpc
 import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
+from devtools.processes import start_service_process
 from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION
 from tests.conftest import running
 from tests.messages.conftest import MessagesServer, Room
-from tests.processes import start_service_process
 from tests.rpc_errors import as_user, violated_fields
 
 if TYPE_CHECKING:

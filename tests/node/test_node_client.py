@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from google.rpc import status_pb2
 
+from devtools.processes import REPO, ServiceProcess, start_service_process
 from tests.postgres import DatabaseFactory
-from tests.processes import REPO, ServiceProcess, start_service_process
 
 HERE = Path(__file__).resolve().parent
 NODE_MODULES = HERE / "node_modules"

@@ -39,10 +39,10 @@ from chat.v1 import threads_pb2, threads_pb2_grpc
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 
+from devtools.processes import ServiceProcess, start_service_process
 from services.common.settings import ServiceSettings
 from services.threads.service import DEFINITION as THREADS
 from tests.conftest import health_status, running
-from tests.processes import ServiceProcess, start_service_process
 from tests.reliability.stall_proxy import StallProxy
 from tests.rpc_errors import error_info, rich_status
 

@@ -38,9 +38,9 @@ from chat.v1 import (
     messages_pb2_grpc,
 )
 
+from devtools.processes import ServiceProcess, start_service_process
 from tests.integration.conftest import free_port
 from tests.postgres import DatabaseFactory
-from tests.processes import ServiceProcess, start_service_process
 from tests.reliability.seeding import seed
 from tests.reliability.soak import scrape
 from tests.rpc_errors import as_user

@@ -27,8 +27,8 @@ from chat.v1 import (
     users_pb2_grpc,
 )
 
+from devtools.processes import ServiceProcess, start_service_process
 from tests.postgres import RestartablePostgres, migrate
-from tests.processes import ServiceProcess, start_service_process
 from tests.reliability.load import (
     RETRYABLE,
     Outcomes,

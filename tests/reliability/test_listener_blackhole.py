@@ -38,9 +38,9 @@ import grpc
 import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
+from devtools.processes import ServiceProcess, start_service_process
 from services.messages.settings import MessagesSettings
 from tests.messages.conftest import Room, new_room
-from tests.processes import ServiceProcess, start_service_process
 from tests.rpc_errors import as_user
 
 LISTENER_APPLICATION = "chat-messages-listener"  # services/messages/streams/listener.py

@@ -36,10 +36,10 @@ import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc
 from google.protobuf import struct_pb2
 
+from devtools.processes import ServiceProcess, start_service_process
 from services.messages.settings import MessagesSettings
 from services.messages.validation import NAME_MAX, TYPE_MAX, URL_MAX
 from tests.messages.conftest import Room, new_room
-from tests.processes import ServiceProcess, start_service_process
 from tests.rpc_errors import as_user, error_info
 
 MIB = 1024 * 1024

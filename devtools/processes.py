@@ -1,4 +1,4 @@
-"""Services as separate OS processes (`python -m services.<name>`), for tests.
+"""Services as separate OS processes (`python -m services.<name>`), for tests and the benchmark.
 
 Each process binds a free port (GRPC_PORT=0) and names it in its start-up log
 line; the rest of its log is drained in the background (its last LOG_KEPT lines

@@ -1,7 +1,8 @@
-"""`python -m services.common.healthcheck HOST:PORT [SERVICE]`: exit 0 when SERVING.
+"""`python -m services.common.health_client HOST:PORT [SERVICE]`: exit 0 when SERVING.
 
 A probe for containers and scripts that speaks the standard gRPC health protocol,
-so no extra binary (grpc_health_probe) is needed.
+so no extra binary (grpc_health_probe) is needed. (What a server answers comes
+from health_watch.py.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Health that follows the database: a periodic `SELECT 1` on a connection of its own.
 
+The server side of health (every service runs this watch); the command-line
+client that asks a server for its health is health_client.py.
+
 After `threshold` consecutive failures the service reports NOT_SERVING; the
 first success reports SERVING again. The process keeps running throughout: the
 pool replaces broken connections on its own once the database answers.

@@ -1,7 +1,8 @@
-"""Stable names for SQL statements, so metrics are labelled by name, not SQL text.
+"""The registry of SQL statement names: metrics label a statement by its stable
+name, never by its SQL text.
 
 Stores declare their statements as `NAME = named("users.get", "SELECT ...")`; the
-query timer looks the text up here. Unregistered statements are labelled
+query timer (metrics.py) looks the text up here. Unregistered statements are labelled
 "unnamed" (never by text, which would explode label cardinality).
 """
 

@@ -7,7 +7,7 @@ import logging
 import grpc
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
-from services.common.errors import Unavailable
+from services.common.errors import ShuttingDown
 from services.common.server import Runtime, ServiceDefinition
 from services.messages.paging import (
     PAGE_TOKEN_RESERVE,
@@ -38,7 +38,7 @@ async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
 
     async def end_streams() -> None:
         # Before in-flight RPCs drain, so clients resume (elsewhere) from their cursor.
-        hub.end_streams(Unavailable("the server is shutting down; resume from your cursor"))
+        hub.end_streams(ShuttingDown("the server is shutting down; resume from your cursor"))
 
     runtime.stopping_hooks.append(end_streams)
     runtime.shutdown_hooks.append(hub.stop)

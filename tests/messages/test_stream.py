@@ -18,7 +18,7 @@ from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION
 from tests.conftest import running
 from tests.messages.conftest import MessagesServer, Room
-from tests.rpc_errors import as_user, violated_fields
+from tests.rpc_errors import as_user, error_info, violated_fields
 
 if TYPE_CHECKING:
     from tests.messages.conftest import Stub
@@ -346,6 +346,7 @@ async def test_graceful_stop_ends_streams_with_a_status_to_resume_from(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(stream.read(), timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "SHUTTING_DOWN"  # not a database outage
         assert "resume from your cursor" in (caught.value.details() or "")
         await stopping
 

@@ -32,7 +32,13 @@ import asyncpg
 from prometheus_client import Counter, Gauge
 
 from services.common import interrupts
-from services.common.errors import DomainError, ResourceExhausted, Unavailable
+from services.common.errors import (
+    DatabaseUnavailable,
+    DomainError,
+    ResourceExhausted,
+    ShuttingDown,
+    Unavailable,
+)
 from services.common.pool import QUERY_FAILURES
 from services.messages import store
 from services.messages.convert import StreamEvent, stream_event
@@ -206,7 +212,7 @@ class Fanout:
         """Register a stream at once (no await: nothing can slip between the caller's
         steps). Await `sub.started()` for its start position."""
         if self._closed:
-            raise Unavailable("the server is shutting down; resume from your cursor")
+            raise ShuttingDown("the server is shutting down; resume from your cursor")
         if self._open >= self._settings.stream_max_open:
             REFUSED.inc()
             raise ResourceExhausted(
@@ -307,7 +313,9 @@ class Fanout:
                 # Streams still opening are told now rather than left waiting.
                 for sub in list(feed.subscribers):
                     if sub.start_seq is None:
-                        sub.end(Unavailable("the database is unavailable; retry with backoff"))
+                        sub.end(
+                            DatabaseUnavailable("the database is unavailable; retry with backoff")
+                        )
                 await asyncio.sleep(jittered(delay))
                 delay = min(delay * 2, self._settings.listener_retry_max_s)
             except Exception:

@@ -24,7 +24,7 @@ from uuid import UUID
 import asyncpg
 from chat.v1 import messages_pb2
 
-from services.common.errors import DomainError, InvalidArgument, Unavailable
+from services.common.errors import DomainError, InvalidArgument, ShuttingDown
 from services.common.identity import Caller
 from services.common.settings import DatabaseSettings
 from services.messages import store
@@ -65,7 +65,7 @@ class StreamHub:
         """Stop listening and fetching. Streams end here only if end_streams did not
         run first (each stream is ended once)."""
         if not self._fanout.closed:
-            self.end_streams(Unavailable("the server is shutting down; resume from your cursor"))
+            self.end_streams(ShuttingDown("the server is shutting down; resume from your cursor"))
         await self._listener.stop()
         await self._fanout.stop()
 

@@ -51,6 +51,8 @@ def _participant(record: asyncpg.Record) -> ParticipantRow:
     )
 
 
+# The ownership rule (db/functions/ownership.sql) after members join.
+ENSURE_OWNER = named("threads.ensure_owner", "SELECT chat_ensure_owner($1, NULL)")
 # The users a membership change names, locked FOR KEY SHARE (in id order) for the
 # rest of the transaction, before any thread row: a racing DeleteUser (which locks
 # the user, then their threads) then waits for this change or makes it NOT_FOUND,
@@ -267,8 +269,12 @@ async def get_or_create_direct(
 async def add_participants(
     conn: DbConnection, thread_id: UUID, members: Mapping[UUID, str]
 ) -> None:
+    """Add in the caller's transaction; then the group has an active owner if it can
+    (an active user joining a group whose owners are all inactive becomes its owner,
+    by the rule of db/functions/ownership.sql)."""
     ids = list(members)
     await conn.execute(ADD_PARTICIPANTS, thread_id, ids, [members[i] for i in ids])
+    await conn.execute(ENSURE_OWNER, thread_id)
 
 
 async def participants_of(

@@ -215,3 +215,23 @@ async def test_an_end_user_cannot_deactivate_someone_else_to_take_over(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert await roles(db_pool, thread) == {owner: "owner", member: "member"}
+
+
+async def test_an_active_user_joining_a_group_of_inactive_owners_becomes_owner(
+    threads: Threads, db_pool: asyncpg.Pool
+) -> None:
+    """Owners deactivated before the rule existed (or all members gone inactive): the
+    first active user added is the one who can manage the group."""
+    owner, newcomer = await new_users(db_pool, 2)
+    thread = await group(db_pool, {owner: "owner"})
+    await db_pool.execute("UPDATE users SET is_active = false WHERE id = $1", uuid.UUID(owner))
+    await threads.AddParticipants(
+        threads_pb2.AddParticipantsRequest(thread_id=thread, user_ids=[newcomer])
+    )
+    assert await roles(db_pool, thread) == {owner: "owner", newcomer: "owner"}
+    # With an active owner in place, a newcomer joins as what they were added as.
+    (later,) = await new_users(db_pool, 1)
+    await threads.AddParticipants(
+        threads_pb2.AddParticipantsRequest(thread_id=thread, user_ids=[later])
+    )
+    assert (await roles(db_pool, thread))[later] == "member"

@@ -17,10 +17,10 @@ the caller sees.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from uuid import UUID
 
+from services.common.access import MANAGERS, ThreadAccess, visible_thread
 from services.common.errors import (
     DomainError,
     FailedPrecondition,
@@ -32,17 +32,6 @@ from services.common.identity import Caller, user_inactive
 from services.common.types import DbConnection
 from services.messages import store
 from services.messages.store import MessageRow, SendOutcome, StreamAccess
-
-# Roles that may delete anyone's message in their thread.
-_MODERATORS = frozenset({"owner", "admin"})
-
-
-@dataclass(frozen=True)
-class ThreadAccess:
-    """A thread the caller may read, and the caller's part in it."""
-
-    archived: bool
-    role: str | None  # None only for a trusted call
 
 
 class Change(Enum):
@@ -60,10 +49,7 @@ def _archived(thread_id: UUID) -> FailedPrecondition:
 
 async def readable_thread(conn: DbConnection, caller: Caller, thread_id: UUID) -> ThreadAccess:
     """The thread as the caller may read it; NOT_FOUND unless it participates (or is trusted)."""
-    found = await store.membership(conn, thread_id, caller.user_id)
-    if found is None or (not caller.trusted and found[1] is None):
-        raise NotFound("thread", str(thread_id))
-    return ThreadAccess(archived=found[0], role=found[1])
+    return await visible_thread(conn, caller, thread_id)
 
 
 async def _message(
@@ -92,7 +78,7 @@ async def changeable_message(
     """A message the caller may edit or attach to: readable, its thread not archived,
     and the caller its author. Call with the thread locked, so this still holds at commit."""
     message, access = await _message(conn, caller, message_id)
-    if access.archived:
+    if access.thread.is_archived:
         raise _archived(message.thread_id)
     if not caller.trusted and not caller.is_user(message.user_id):
         raise PermissionDenied(change.value)
@@ -104,7 +90,7 @@ async def deletable_message(conn: DbConnection, caller: Caller, message_id: UUID
     owns or administers. Archived threads included (moderation)."""
     message, access = await _message(conn, caller, message_id)
     author = caller.is_user(message.user_id)
-    if not caller.trusted and not author and access.role not in _MODERATORS:
+    if not caller.trusted and not author and access.role not in MANAGERS:
         raise PermissionDenied("only the author or a thread owner/admin deletes")
     return message
 

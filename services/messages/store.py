@@ -327,14 +327,6 @@ COUNT_ATTACHMENTS = named(
     "messages.count_attachments",
     "SELECT count(*) FROM message_attachments WHERE message_id = $1",
 )
-MEMBERSHIP = named(
-    "messages.membership",
-    """
-    SELECT t.is_archived, p.role
-    FROM threads t LEFT JOIN thread_participants p ON p.thread_id = t.id AND p.user_id = $2
-    WHERE t.id = $1
-    """,
-)
 
 
 def _message(record: asyncpg.Record) -> MessageRow:
@@ -538,14 +530,6 @@ async def stream_access(
         members=frozenset(record["members"]),
         inactive=frozenset(record["inactive"]),
     )
-
-
-async def membership(
-    conn: DbConnection, thread_id: UUID, user_id: UUID | None
-) -> tuple[bool, str | None] | None:
-    """(thread archived, user's role or None); None when the thread does not exist."""
-    record = await conn.fetchrow(MEMBERSHIP, thread_id, user_id)
-    return None if record is None else (record["is_archived"], record["role"])
 
 
 async def lock_thread_of(conn: DbConnection, message_id: UUID) -> None:

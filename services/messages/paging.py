@@ -23,20 +23,28 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from chat.v1 import messages_pb2
 
 from services.common.pagination import (
-    decode_page_token,
-    encode_page_token,
+    TIME_ID,
+    PageCodec,
+    PageKind,
+    Params,
+    TimeId,
     page_size_of,
-    time_id_position,
 )
 from services.messages.convert import message_to_proto
 from services.messages.settings import MessagesSettings
 from services.messages.store import MessageRow, Page, Position
 from services.messages.validation import NAME_MAX, TYPE_MAX, URL_MAX
+
+# What each list RPC's token pages through; every listing's position is the
+# (created_at, id) of the last message served.
+HISTORY: PageCodec[TimeId] = PageCodec(PageKind.HISTORY, TIME_ID)
+REPLIES: PageCodec[TimeId] = PageCodec(PageKind.REPLIES, TIME_ID)
+USER_HISTORY: PageCodec[TimeId] = PageCodec(PageKind.USER_HISTORY, TIME_ID)
+SEARCH: PageCodec[TimeId] = PageCodec(PageKind.SEARCH, TIME_ID)
 
 # next_page_token is about 150 characters (kind, fingerprint, timestamp, id in
 # base64); this much of the budget is kept for it and the response's framing.
@@ -85,8 +93,8 @@ def fit_page(
 class PageRequest:
     """One list request's page: where it starts, how many rows and bytes it may hold."""
 
-    kind: str  # what the token pages through; a token of one kind is refused by others
-    params: dict[str, Any]  # the request's other parameters, fingerprinted in the token
+    codec: PageCodec[TimeId]  # what the token pages through; other kinds are refused
+    params: Params  # the request's other parameters, fingerprinted in the token
     size: int
     after: Position | None  # continue after this message; None: the first page
     max_bytes: int
@@ -101,18 +109,15 @@ class PageRequest:
         served, last = fit_page(page.rows, page.fetched, self.size, self.max_bytes)
         if last is None:
             return served, ""
-        position = [last.created_at.isoformat(), str(last.id)]
-        return served, encode_page_token(self.kind, self.params, position)
+        return served, self.codec.encode((last.created_at, last.id), self.params)
 
 
 def page_request(
-    kind: str, params: dict[str, Any], page_size: int, page_token: str, max_bytes: int
+    codec: PageCodec[TimeId], params: Params, page_size: int, page_token: str, max_bytes: int
 ) -> PageRequest:
     """The page a request asks for, its size and token checked (INVALID_ARGUMENT)."""
     size = page_size_of(page_size)
-    raw = decode_page_token(page_token, kind, params)
-    after = None if raw is None else time_id_position(raw)
-    return PageRequest(kind, params, size, after, max_bytes)
+    return PageRequest(codec, params, size, codec.decode(page_token, params), max_bytes)
 
 
 def largest_message_bytes(settings: MessagesSettings) -> int:

@@ -7,17 +7,17 @@ permission decision is made there), calls the store and converts the result.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
+from services.common.pagination import PageCodec, Params, TimeId
 from services.common.pool import BoundedPool
 from services.common.types import Context
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
-from services.messages import policy, store
+from services.messages import paging, policy, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
 from services.messages.paging import PageRequest, page_request
@@ -82,8 +82,8 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             message = await policy.readable_message(conn, caller_of(context), message_id)
         return messages_pb2.GetMessageResponse(message=message_to_proto(message))
 
-    def _page(self, kind: str, params: dict[str, Any], size: int, token: str) -> PageRequest:
-        return page_request(kind, params, size, token, self._settings.list_response_max_bytes)
+    def _page(self, codec: PageCodec[TimeId], params: Params, size: int, token: str) -> PageRequest:
+        return page_request(codec, params, size, token, self._settings.list_response_max_bytes)
 
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
@@ -91,7 +91,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         caller = caller_of(context)
         want = self._page(
-            "history", {"thread": str(thread_id)}, request.page_size, request.page_token
+            paging.HISTORY, {"thread": str(thread_id)}, request.page_size, request.page_token
         )
         async with self._pool.acquire() as conn:
             await policy.readable_thread(conn, caller, thread_id)
@@ -107,7 +107,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         parent_id = parse_uuid(request.parent_id, "parent_id")
         caller = caller_of(context)
         want = self._page(
-            "replies", {"parent": str(parent_id)}, request.page_size, request.page_token
+            paging.REPLIES, {"parent": str(parent_id)}, request.page_size, request.page_token
         )
         async with self._pool.acquire() as conn:
             await policy.readable_message(conn, caller, parent_id)
@@ -123,7 +123,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         user_id = parse_uuid(request.user_id, "user_id")
         policy.check_own_listing(caller_of(context), user_id)
         want = self._page(
-            "user-history", {"user": str(user_id)}, request.page_size, request.page_token
+            paging.USER_HISTORY, {"user": str(user_id)}, request.page_size, request.page_token
         )
         async with self._pool.acquire() as conn:
             page = await store.list_user_messages(
@@ -230,7 +230,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         assert contains is not None
         want = self._page(
-            "search",
+            paging.SEARCH,
             {"thread": str(thread_id), "contains": contains},
             request.page_size,
             request.page_token,

@@ -8,6 +8,8 @@ a user sends only as themselves and lists only their own messages across
 threads; only the author edits a message or adds attachments; the author or a
 thread OWNER/ADMIN deletes. An archived thread is read-only: no sends, edits,
 attachments or live stream; deleting a message stays possible, for moderation.
+An inactive or deleted sender (even through a trusted call) sends nothing:
+PERMISSION_DENIED `USER_INACTIVE`, the answer an inactive user gets everywhere.
 
 The servicer and the stream hub ask here and decide nothing themselves; each
 function below either returns what the caller may act on or raises the error
@@ -135,13 +137,11 @@ def _reused(caller: Caller, thread_id: UUID) -> DomainError:
     )
 
 
+# Every refusal but INACTIVE, which names the sender (see send_refusal).
 _SEND_REFUSALS: dict[SendOutcome, Callable[[Caller, UUID], DomainError]] = {
     SendOutcome.THREAD_NOT_FOUND: lambda caller, thread_id: NotFound("thread", str(thread_id)),
     SendOutcome.NOT_PARTICIPANT: _not_participant,
     SendOutcome.ARCHIVED: lambda caller, thread_id: _archived(thread_id),
-    SendOutcome.INACTIVE: lambda caller, thread_id: FailedPrecondition(
-        "the sender is inactive", reason="USER_INACTIVE", subject=f"thread/{thread_id}"
-    ),
     SendOutcome.BAD_PARENT: lambda caller, thread_id: InvalidArgument.field(
         "parent_id", "must be a message of the same thread"
     ),
@@ -149,8 +149,13 @@ _SEND_REFUSALS: dict[SendOutcome, Callable[[Caller, UUID], DomainError]] = {
 }
 
 
-def send_refusal(outcome: SendOutcome, caller: Caller, thread_id: UUID) -> DomainError:
-    """The error a send refused by the database (`outcome`) answers with."""
+def send_refusal(
+    outcome: SendOutcome, caller: Caller, thread_id: UUID, sender: UUID
+) -> DomainError:
+    """The error a send refused by the database (`outcome`) answers with. An inactive
+    (or since deleted) sender is PERMISSION_DENIED `USER_INACTIVE`, as everywhere."""
+    if outcome is SendOutcome.INACTIVE:
+        return user_inactive(sender, "the sender is inactive")
     return _SEND_REFUSALS[outcome](caller, thread_id)
 
 

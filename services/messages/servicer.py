@@ -71,7 +71,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
                 attachments=attachments,
             )
         if message is None:
-            raise policy.send_refusal(outcome, caller, thread_id)
+            raise policy.send_refusal(outcome, caller, thread_id, user_id)
         return messages_pb2.SendMessageResponse(message=message_to_proto(message))
 
     async def GetMessage(

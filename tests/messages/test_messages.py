@@ -350,7 +350,7 @@ async def test_who_may_send(messages: Stub, room: Room, db_pool: asyncpg.Pool) -
             )
         )
     )
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(err).reason == "USER_INACTIVE"
     await db_pool.execute("UPDATE threads SET is_archived = true")
     err = await error_of(send(messages, room, user=room.owner))

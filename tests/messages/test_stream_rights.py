@@ -559,5 +559,5 @@ async def test_sends_racing_the_senders_deletion_are_refused_as_such(
     assert set(outcomes) <= {
         "OK",
         "PERMISSION_DENIED:USER_UNKNOWN",
-        "FAILED_PRECONDITION:USER_INACTIVE",
+        "PERMISSION_DENIED:USER_INACTIVE",
     }, outcomes

@@ -157,11 +157,8 @@ class Unauthenticated(DomainError):
     default_reason = "UNAUTHENTICATED"
 
 
-class ResourceExhausted(DomainError):
-    """A limit was hit; `retry_after_s` adds a google.rpc.RetryInfo hint."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
+class _Retryable(DomainError):
+    """An error the client retries: `retry_after_s` adds a google.rpc.RetryInfo hint."""
 
     def __init__(
         self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
@@ -170,17 +167,20 @@ class ResourceExhausted(DomainError):
         super().__init__(message, reason=reason)
 
     def extra_details(self) -> Iterable[object]:
-        yield from _retry_info(self.retry_after_s)
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            yield error_details_pb2.RetryInfo(retry_delay=delay)
 
 
-def _retry_info(retry_after_s: float | None) -> Iterable[object]:
-    if retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_after_s * 1e9))
-        yield error_details_pb2.RetryInfo(retry_delay=delay)
+class ResourceExhausted(_Retryable):
+    """A limit was hit; `retry_after_s` adds a google.rpc.RetryInfo hint."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
 
 
-class Unavailable(DomainError):
+class Unavailable(_Retryable):
     """Retry with backoff; `retry_after_s` adds a google.rpc.RetryInfo hint.
 
     The reason says why: DatabaseUnavailable and ShuttingDown below, or one given.
@@ -188,15 +188,6 @@ class Unavailable(DomainError):
 
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
-
-    def __init__(
-        self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
-    ) -> None:
-        self.retry_after_s = retry_after_s
-        super().__init__(message, reason=reason)
-
-    def extra_details(self) -> Iterable[object]:
-        yield from _retry_info(self.retry_after_s)
 
 
 class DatabaseUnavailable(Unavailable):
@@ -211,21 +202,12 @@ class ShuttingDown(Unavailable):
     default_reason = "SHUTTING_DOWN"
 
 
-class Aborted(DomainError):
+class Aborted(_Retryable):
     """A concurrency conflict (e.g. a row lock not granted in time): nothing was
     written; retry the call, after `retry_after_s` (a google.rpc.RetryInfo)."""
 
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
-
-    def __init__(
-        self, message: str, *, reason: str | None = None, retry_after_s: float | None = None
-    ) -> None:
-        self.retry_after_s = retry_after_s
-        super().__init__(message, reason=reason)
-
-    def extra_details(self) -> Iterable[object]:
-        yield from _retry_info(self.retry_after_s)
 
 
 class DeadlineExceeded(DomainError):

@@ -32,6 +32,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
             )
 
+    @asynccontextmanager
+    async def _admitted(
+        self, request: Any, context: Context, needs_token: bool
+    ) -> AsyncIterator[None]:
+        """Authenticate a call and bind its caller for the rest of the block (every
+        handler kind the interceptor wraps goes through here)."""
+        if needs_token:
+            self._authenticate(context)
+        _require_decoded(request)  # before the caller check's lookup
+        # The one parse of x-user-id; handlers read it with caller_of().
+        with bound_caller(parse_caller(context)) as caller:
+            await self._check_caller(caller)
+            yield
+
     def _unary(self, inner: UnaryBehavior, method: str, needs_token: bool) -> UnaryBehavior:
         quiet = self._is_open(method)
 
@@ -185,12 +200,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if quiet:
                     return await inner(request, context)
-                if needs_token:
-                    self._authenticate(context)
-                _require_decoded(request)  # before the caller check's lookup
-                # The one parse of x-user-id; handlers read it with caller_of().
-                with bound_caller(parse_caller(context)) as caller:
-                    await self._check_caller(caller)
+                async with self._admitted(request, context, needs_token):
                     return await inner(request, context)
             except BaseException as exc:
                 code, error = _classify(exc, method, context)
@@ -215,12 +225,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if quiet:
                     await _drive(inner(request, context), context)
                 else:
-                    if needs_token:
-                        self._authenticate(context)
-                    _require_decoded(request)  # before the caller check's lookup
-                    # The one parse of x-user-id; handlers read it with caller_of().
-                    with bound_caller(parse_caller(context)) as caller:
-                        await self._check_caller(caller)
+                    async with self._admitted(request, context, needs_token):
                         await _drive(inner(request, context), context)
             except BaseException as exc:
                 # Ended from outside with a status (services/common/interrupts.py),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from uuid import UUID
 
@@ -36,6 +36,12 @@ class UserRow:
     updated_at: datetime
 
 
+# Every statement returning users selects exactly UserRow's fields, and rows are
+# built by column name: one list, so a reordered SELECT cannot shift fields.
+# (Composed from this module's constants at import time, never from input.)
+USER_COLUMNS = ", ".join(f.name for f in fields(UserRow))
+
+
 @dataclass(frozen=True)
 class NewUser:
     email: str
@@ -60,59 +66,53 @@ class UserChanges:
 
 INSERT = named(
     "users.insert",
-    """
+    f"""
     INSERT INTO users (email, username, first_name, last_name, profile_image)
     VALUES ($1, $2, $3, $4, $5)
-    RETURNING id, email, username, first_name, last_name, profile_image, is_active,
-              last_login_at, created_at, updated_at
-    """,
+    RETURNING {USER_COLUMNS}
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 GET = named(
     "users.get",
-    """
-    SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at
+    f"""
+    SELECT {USER_COLUMNS}
     FROM users WHERE id = $1
-    """,
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 BY_EMAIL = named(
     "users.by_email",
-    """
-    SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at
+    f"""
+    SELECT {USER_COLUMNS}
     FROM users WHERE lower(email) = lower($1)
-    """,
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 BY_USERNAME = named(
     "users.by_username",
-    """
-    SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at
+    f"""
+    SELECT {USER_COLUMNS}
     FROM users WHERE lower(username) = lower($1)
-    """,
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 BATCH_GET = named(
     "users.batch_get",
-    """
-    SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at
+    f"""
+    SELECT {USER_COLUMNS}
     FROM users WHERE id = ANY ($1::uuid[])
-    """,
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 # All users in lower(username) order. `~>~`/`~<~` are the byte-wise operators of
 # the text_pattern_ops index idx_users_username, so the scan walks that index.
 # sort_key is the page token's position, lowered by the same lower() as the index.
 LIST = named(
     "users.list",
-    """
-    SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at, lower(username) AS sort_key
+    f"""
+    SELECT {USER_COLUMNS}, lower(username) AS sort_key
     FROM users
     WHERE ($1::text IS NULL OR lower(username) ~>~ $1)
       AND (is_active OR $2)
     ORDER BY lower(username) USING ~<~
     LIMIT $3
-    """,
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 # Prefix search: one index range scan per column, OR-ed into a bitmap, then the
 # page is sorted by username. The query is lowered here by PostgreSQL's lower(),
@@ -125,9 +125,8 @@ LIST = named(
 # takes it), first and last name against $4, the query as given.
 SEARCH = named(
     "users.search",
-    """
-    SELECT id, email, username, first_name, last_name, profile_image, is_active,
-           last_login_at, created_at, updated_at, lower(username) AS sort_key
+    f"""
+    SELECT {USER_COLUMNS}, lower(username) AS sort_key
     FROM users
     WHERE ((lower(username) ~>=~ lower($3) AND lower(username) ~<~ (lower($3) || chr(1114111)))
         OR (lower(email) ~>=~ lower($3) AND lower(email) ~<~ (lower($3) || chr(1114111)))
@@ -139,12 +138,12 @@ SEARCH = named(
       AND (is_active OR $2)
     ORDER BY lower(username) USING ~<~
     LIMIT $5
-    """,
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 # One static statement for every mask: each column keeps its value unless its flag is set.
 UPDATE = named(
     "users.update",
-    """
+    f"""
     UPDATE users SET
         email = CASE WHEN $2 THEN $3 ELSE email END,
         username = CASE WHEN $4 THEN $5 ELSE username END,
@@ -154,9 +153,8 @@ UPDATE = named(
         is_active = CASE WHEN $12 THEN $13 ELSE is_active END,
         updated_at = greatest(now(), updated_at + interval '1 microsecond')
     WHERE id = $1
-    RETURNING id, email, username, first_name, last_name, profile_image, is_active,
-              last_login_at, created_at, updated_at
-    """,
+    RETURNING {USER_COLUMNS}
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 DELETE = named("users.delete", "DELETE FROM users WHERE id = $1")
 # Before the cascade: the user's messages leave their threads' streams as
@@ -171,13 +169,12 @@ HAND_ON_OWNERSHIP = named("users.hand_on_ownership", "SELECT chat_hand_on_owners
 NOTIFY_USER_GONE = named("users.notify_gone", "SELECT chat_notify_membership(NULL, $1)")
 RECORD_LOGIN = named(
     "users.record_login",
-    """
+    f"""
     UPDATE users SET last_login_at = now(),
                      updated_at = greatest(now(), updated_at + interval '1 microsecond')
     WHERE id = $1 AND is_active
-    RETURNING id, email, username, first_name, last_name, profile_image, is_active,
-              last_login_at, created_at, updated_at
-    """,
+    RETURNING {USER_COLUMNS}
+    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
 
 

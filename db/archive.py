@@ -74,7 +74,7 @@ _MOVE = (
     ) INSERT INTO archived_threads SELECT * FROM moved
     """,
     # Open streams of the moved threads end (NOT_FOUND, as for a deleted thread):
-    # after commit, every messages-service process hears it (services/messages/hub.py).
+    # after commit, every messages-service process hears it (services/messages/streams/).
     "SELECT chat_notify_membership(id, NULL) FROM unnest($1::uuid[]) AS id",
 )
 

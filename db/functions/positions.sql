@@ -12,13 +12,27 @@
 -- lock already (a send, an edit, a deletion, DeleteUser) or take it here (the
 -- trigger below). Used by chat_send_message, chat_assign_message_seq,
 -- chat_forget_user_messages and the messages service's edit, delete and attach.
-CREATE OR REPLACE FUNCTION chat_bump_thread(p_thread_id uuid, p_positions bigint DEFAULT 1)
-RETURNS bigint
+-- With `p_new_message` it also stamps last_message_at, strictly after the
+-- thread's latest (a send's created_at), in the same UPDATE: a send writes one
+-- new version of the thread row, not two.
+-- The two-argument form this replaced (a database that applied it would
+-- otherwise find two candidates for chat_bump_thread(x)).
+-- squawk-ignore ban-drop-function
+DROP FUNCTION IF EXISTS chat_bump_thread(uuid, bigint);
+CREATE OR REPLACE FUNCTION chat_bump_thread(
+    p_thread_id uuid, p_positions bigint DEFAULT 1, p_new_message boolean DEFAULT false
+) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_last_seq bigint;
 BEGIN
-    UPDATE threads t SET last_seq = t.last_seq + p_positions WHERE t.id = p_thread_id
+    UPDATE threads t
+    SET last_seq = t.last_seq + p_positions,
+        last_message_at = CASE WHEN p_new_message
+            THEN greatest(clock_timestamp(),
+                          coalesce(t.last_message_at, '-infinity') + interval '1 microsecond')
+            ELSE t.last_message_at END
+    WHERE t.id = p_thread_id
     RETURNING t.last_seq INTO v_last_seq;
     IF FOUND THEN
         PERFORM chat_notify_thread_event(p_thread_id, v_last_seq);

@@ -123,13 +123,8 @@ BEGIN
     END IF;
     -- The message's position (notified at commit), and its time: after the
     -- thread's latest.
-    v_last_seq := chat_bump_thread(p_thread_id);
-    UPDATE threads t
-    SET last_message_at = greatest(
-            clock_timestamp(),
-            coalesce(t.last_message_at, '-infinity') + interval '1 microsecond')
-    WHERE t.id = p_thread_id
-    RETURNING t.last_message_at INTO v_created;
+    v_last_seq := chat_bump_thread(p_thread_id, 1, true);
+    SELECT t.last_message_at INTO v_created FROM threads t WHERE t.id = p_thread_id;
 
     INSERT INTO messages (thread_id, user_id, content, parent_id, metadata, seq, change_seq,
                           request_id, request_digest, created_at, updated_at)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from chat.v1 import messages_pb2
 
@@ -36,7 +37,7 @@ from services.common.pagination import (
 )
 from services.messages.convert import message_to_proto
 from services.messages.settings import MessagesSettings
-from services.messages.store import MessageRow, Page, Position
+from services.messages.store import MessageRow, Page, Position, Window
 from services.messages.validation import NAME_MAX, TYPE_MAX, URL_MAX
 
 # What each list RPC's token pages through; every listing's position is the
@@ -100,9 +101,9 @@ class PageRequest:
     max_bytes: int
 
     @property
-    def limit(self) -> int:
-        """Rows to read: one more than the page says whether another page follows."""
-        return self.size + 1
+    def window(self) -> Window:
+        """The rows to read: one more than the page says whether another page follows."""
+        return Window(self.after, self.size + 1, self.max_bytes)
 
     def finish(self, page: Page) -> tuple[list[messages_pb2.Message], str]:
         """The messages to serve and the next page token ("" when none follows)."""
@@ -110,6 +111,13 @@ class PageRequest:
         if last is None:
             return served, ""
         return served, self.codec.encode((last.created_at, last.id), self.params)
+
+
+class Listing(Protocol):
+    """A list request: every one pages by these two fields (AIP-158)."""
+
+    page_size: int
+    page_token: str
 
 
 def page_request(

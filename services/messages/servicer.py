@@ -6,22 +6,23 @@ permission decision is made there), calls the store and converts the result.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
 from services.common.pagination import PageCodec, Params, TimeId
 from services.common.pool import BoundedPool
-from services.common.types import Context
+from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
-from services.messages import paging, policy, store
+from services.messages import changes, paging, policy, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
-from services.messages.paging import PageRequest, page_request
+from services.messages.paging import Listing, PageRequest, page_request
 from services.messages.settings import MessagesSettings
+from services.messages.store import Page
 from services.messages.streams import StreamHub
 from services.messages.validation import (
     attachment_of,
@@ -82,23 +83,33 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             message = await policy.readable_message(conn, caller_of(context), message_id)
         return messages_pb2.GetMessageResponse(message=message_to_proto(message))
 
-    def _page(self, codec: PageCodec[TimeId], params: Params, size: int, token: str) -> PageRequest:
-        return page_request(codec, params, size, token, self._settings.list_response_max_bytes)
+    async def _listing(
+        self,
+        codec: PageCodec[TimeId],
+        params: Params,
+        request: Listing,
+        read: Callable[[DbConnection, PageRequest], Awaitable[Page]],
+    ) -> tuple[list[messages_pb2.Message], str]:
+        """One page of a listing: `read` authorizes and reads it on one connection."""
+        max_bytes = self._settings.list_response_max_bytes
+        want = page_request(codec, params, request.page_size, request.page_token, max_bytes)
+        async with self._pool.acquire() as conn:
+            page = await read(conn, want)
+        return want.finish(page)
 
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
     ) -> messages_pb2.ListMessagesResponse:
         thread_id = parse_uuid(request.thread_id, "thread_id")
         caller = caller_of(context)
-        want = self._page(
-            paging.HISTORY, {"thread": str(thread_id)}, request.page_size, request.page_token
-        )
-        async with self._pool.acquire() as conn:
+
+        async def read(conn: DbConnection, want: PageRequest) -> Page:
             await policy.readable_thread(conn, caller, thread_id)
-            page = await store.list_history(
-                conn, thread_id, after=want.after, limit=want.limit, max_bytes=want.max_bytes
-            )
-        found, token = want.finish(page)
+            return await store.list_history(conn, thread_id, want.window)
+
+        found, token = await self._listing(
+            paging.HISTORY, {"thread": str(thread_id)}, request, read
+        )
         return messages_pb2.ListMessagesResponse(messages=found, next_page_token=token)
 
     async def ListReplies(
@@ -106,15 +117,14 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.ListRepliesResponse:
         parent_id = parse_uuid(request.parent_id, "parent_id")
         caller = caller_of(context)
-        want = self._page(
-            paging.REPLIES, {"parent": str(parent_id)}, request.page_size, request.page_token
-        )
-        async with self._pool.acquire() as conn:
+
+        async def read(conn: DbConnection, want: PageRequest) -> Page:
             await policy.readable_message(conn, caller, parent_id)
-            page = await store.list_replies(
-                conn, parent_id, after=want.after, limit=want.limit, max_bytes=want.max_bytes
-            )
-        found, token = want.finish(page)
+            return await store.list_replies(conn, parent_id, want.window)
+
+        found, token = await self._listing(
+            paging.REPLIES, {"parent": str(parent_id)}, request, read
+        )
         return messages_pb2.ListRepliesResponse(messages=found, next_page_token=token)
 
     async def ListUserMessages(
@@ -122,14 +132,13 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
     ) -> messages_pb2.ListUserMessagesResponse:
         user_id = parse_uuid(request.user_id, "user_id")
         policy.check_own_listing(caller_of(context), user_id)
-        want = self._page(
-            paging.USER_HISTORY, {"user": str(user_id)}, request.page_size, request.page_token
+
+        async def read(conn: DbConnection, want: PageRequest) -> Page:
+            return await store.list_user_messages(conn, user_id, want.window)
+
+        found, token = await self._listing(
+            paging.USER_HISTORY, {"user": str(user_id)}, request, read
         )
-        async with self._pool.acquire() as conn:
-            page = await store.list_user_messages(
-                conn, user_id, after=want.after, limit=want.limit, max_bytes=want.max_bytes
-            )
-        found, token = want.finish(page)
         return messages_pb2.ListUserMessagesResponse(messages=found, next_page_token=token)
 
     async def UpdateMessage(
@@ -146,37 +155,22 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         if "metadata" in paths:
             metadata = metadata_of(v, request.message.metadata, self._settings, "message.metadata")
         v.raise_if_any()
-        caller = caller_of(context)
-        async with self._pool.acquire(locking=message_id) as conn, conn.transaction():
-            await store.lock_thread_of(conn, message_id)
-            message = await policy.changeable_message(conn, caller, message_id, policy.Change.EDIT)
-            edited = None
-            if message.status != "deleted":
-                edited = await store.edit(
-                    conn, message, content=content, metadata=("metadata" in paths, metadata)
-                )
-            if edited is None:
-                raise FailedPrecondition(
-                    "a deleted message cannot be edited",
-                    reason="MESSAGE_DELETED",
-                    subject=f"message/{message_id}",
-                )
+        async with self._pool.acquire(locking=message_id) as conn:
+            edited = await changes.edit_message(
+                conn,
+                caller_of(context),
+                message_id,
+                content=content,
+                metadata=("metadata" in paths, metadata),
+            )
         return messages_pb2.UpdateMessageResponse(message=message_to_proto(edited))
 
     async def DeleteMessage(
         self, request: messages_pb2.DeleteMessageRequest, context: Context
     ) -> messages_pb2.DeleteMessageResponse:
         message_id = parse_uuid(request.id, "id")
-        caller = caller_of(context)
         async with self._pool.acquire(locking=message_id) as conn:
-            try:
-                async with conn.transaction():
-                    await store.lock_thread_of(conn, message_id)
-                    message = await policy.deletable_message(conn, caller, message_id)
-                    if message.status != "deleted":
-                        message = await store.tombstone(conn, message)
-            except store.AlreadyDeleted:
-                message = await store.get_message(conn, message_id)  # type: ignore[assignment]
+            message = await changes.delete_message(conn, caller_of(context), message_id)
         return messages_pb2.DeleteMessageResponse(message=message_to_proto(message))
 
     async def AddAttachment(
@@ -186,25 +180,14 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v = Violations()
         attachment = attachment_of(v, request.attachment, self._settings, "attachment")
         v.raise_if_any()
-        caller = caller_of(context)
-        async with self._pool.acquire(locking=message_id) as conn, conn.transaction():
-            await store.lock_thread_of(conn, message_id)
-            message = await policy.changeable_message(
-                conn, caller, message_id, policy.Change.ATTACH
+        async with self._pool.acquire(locking=message_id) as conn:
+            row = await changes.attach(
+                conn,
+                caller_of(context),
+                message_id,
+                attachment,
+                max_attachments=self._settings.max_attachments,
             )
-            if message.status == "deleted":
-                raise FailedPrecondition(
-                    "a deleted message takes no attachments",
-                    reason="MESSAGE_DELETED",
-                    subject=f"message/{message_id}",
-                )
-            if await store.count_attachments(conn, message_id) >= self._settings.max_attachments:
-                raise FailedPrecondition(
-                    f"a message has at most {self._settings.max_attachments} attachments",
-                    reason="TOO_MANY_ATTACHMENTS",
-                    subject=f"message/{message_id}",
-                )
-            row = await store.add_attachment(conn, message, attachment)
         return messages_pb2.AddAttachmentResponse(attachment=attachment_to_proto(row))
 
     async def ListAttachments(
@@ -229,24 +212,14 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             v.add("metadata_contains", "must name at least one key")
         v.raise_if_any()
         assert contains is not None
-        want = self._page(
-            paging.SEARCH,
-            {"thread": str(thread_id), "contains": contains},
-            request.page_size,
-            request.page_token,
-        )
-        async with self._pool.acquire() as conn:
+
+        async def read(conn: DbConnection, want: PageRequest) -> Page:
             if thread_id is not None:
                 await policy.readable_thread(conn, caller, thread_id)
-            page = await store.search(
-                conn,
-                contains,
-                thread_id,
-                after=want.after,
-                limit=want.limit,
-                max_bytes=want.max_bytes,
-            )
-        found, token = want.finish(page)
+            return await store.search(conn, contains, thread_id, want.window)
+
+        params = {"thread": str(thread_id), "contains": contains}
+        found, token = await self._listing(paging.SEARCH, params, request, read)
         return messages_pb2.SearchMessagesResponse(messages=found, next_page_token=token)
 
     async def StreamThreadMessages(

@@ -104,54 +104,39 @@ ATTACHMENTS_OF = named(
     ORDER BY created_at, id
     """,  # noqa: S608
 )
-# History, newest first, keyset on idx_messages_thread (thread_id, created_at DESC, id DESC):
-# a page is one index range scan wherever it starts, so deep pages cost what the first does.
-THREAD_PAGE = named(
-    "messages.thread_page",
-    f"""
-    SELECT {MESSAGE_COLUMNS}
-    FROM messages
-    WHERE thread_id = $1
-      AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-    ORDER BY created_at DESC, id DESC
-    LIMIT $4
-    """,  # noqa: S608
-)
-REPLIES_PAGE = named(
-    "messages.replies_page",
-    f"""
-    SELECT {MESSAGE_COLUMNS}
-    FROM messages
-    WHERE parent_id = $1
-      AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
-    ORDER BY created_at, id
-    LIMIT $4
-    """,  # noqa: S608
-)
-USER_PAGE = named(
-    "messages.user_page",
-    f"""
-    SELECT {MESSAGE_COLUMNS}
-    FROM messages
-    WHERE user_id = $1
-      AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-    ORDER BY created_at DESC, id DESC
-    LIMIT $4
-    """,  # noqa: S608
-)
+
+
+def _keyset_page(match: str, order: str, position_param: int) -> str:
+    """The ids and keys of one page of messages matching `match`, in (created_at, id)
+    `order` ("DESC": newest first, "ASC": oldest first), after the position given by
+    parameters `position_param` (a timestamp, NULL for the first page) and the next
+    (an id), at most the parameter after those many rows.
+
+    The one home of the keyset rule: the comparison follows the order, so a page
+    is one index range scan wherever it starts and deep pages cost what the first
+    does. Only this module's constant SQL and ints are put in; values are parameters.
+    """
+    after = "<" if order == "DESC" else ">"
+    at, at_id, limit = position_param, position_param + 1, position_param + 2
+    return f"""
+    SELECT id, created_at FROM messages
+    WHERE {match} AND (${at}::timestamptz IS NULL OR (created_at, id) {after} (${at}, ${at_id}))
+    ORDER BY created_at {order}, id {order}
+    LIMIT ${limit}
+    """  # noqa: S608 (constants of this module and ints; values are parameters)
+
+
+# History: idx_messages_thread (thread_id, created_at DESC, id DESC).
+THREAD_PAGE = _keyset_page("thread_id = $1", "DESC", 2)
+# Replies, oldest first: idx_messages_replies (parent_id, created_at, id).
+REPLIES_PAGE = _keyset_page("parent_id = $1", "ASC", 2)
+# One user's messages across threads: idx_messages_user.
+USER_PAGE = _keyset_page("user_id = $1", "DESC", 2)
 # JSONB containment through the GIN index idx_messages_metadata.
-SEARCH_PAGE = named(
-    "messages.search_page",
-    f"""
-    SELECT {MESSAGE_COLUMNS}
-    FROM messages
-    WHERE metadata @> $1::jsonb
-      AND ($2::uuid IS NULL OR thread_id = $2)
-      AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
-    ORDER BY created_at DESC, id DESC
-    LIMIT $5
-    """,  # noqa: S608
+SEARCH_PAGE = _keyset_page(
+    "metadata @> $1::jsonb AND ($2::uuid IS NULL OR thread_id = $2)", "DESC", 3
 )
+
 # About how large message m is once served: content, metadata as JSON text,
 # attachments' strings and metadata, and a fixed allowance per message and per
 # attachment for ids, timestamps, cursor and framing. `octet_length(content)`
@@ -416,64 +401,46 @@ class Page:
     fetched: int  # rows the page query found: more than `rows` when the walk stopped on bytes
 
 
-async def _bounded_page(
-    conn: DbConnection, sql: str, *args: object, after: Position | None, limit: int, max_bytes: int
-) -> Page:
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which rows of a listing a page reads: after `after` (None: from the start), at
+    most `limit` rows and, past the first, about `max_bytes` stored bytes."""
+
+    after: Position | None
+    limit: int
+    max_bytes: int
+
+
+async def _bounded_page(conn: DbConnection, sql: str, *args: object, window: Window) -> Page:
     """A page by a *_BOUNDED query: `args` are its leading parameters, then the
     position, the row limit and the byte budget (see _bounded)."""
-    records = await conn.fetch(sql, *args, *(after or (None, None)), limit, max_bytes)
+    after = window.after or (None, None)
+    records = await conn.fetch(sql, *args, *after, window.limit, window.max_bytes)
     rows = await with_attachments(conn, [_message(r) for r in records])
     return Page(rows, int(records[0]["fetched"]) if records else 0)
 
 
-async def list_history(
-    conn: DbConnection, thread_id: UUID, *, after: Position | None, limit: int, max_bytes: int
-) -> Page:
-    """A thread's messages, newest first, after `after` (at most `limit` rows, about
-    `max_bytes` stored bytes past the first)."""
-    return await _bounded_page(
-        conn, THREAD_PAGE_BOUNDED, thread_id, after=after, limit=limit, max_bytes=max_bytes
-    )
+async def list_history(conn: DbConnection, thread_id: UUID, window: Window) -> Page:
+    """A thread's messages, newest first."""
+    return await _bounded_page(conn, THREAD_PAGE_BOUNDED, thread_id, window=window)
 
 
-async def list_replies(
-    conn: DbConnection, parent_id: UUID, *, after: Position | None, limit: int, max_bytes: int
-) -> Page:
-    """Replies to a message, oldest first (bounded as list_history)."""
-    return await _bounded_page(
-        conn, REPLIES_PAGE_BOUNDED, parent_id, after=after, limit=limit, max_bytes=max_bytes
-    )
+async def list_replies(conn: DbConnection, parent_id: UUID, window: Window) -> Page:
+    """Replies to a message, oldest first."""
+    return await _bounded_page(conn, REPLIES_PAGE_BOUNDED, parent_id, window=window)
 
 
-async def list_user_messages(
-    conn: DbConnection, user_id: UUID, *, after: Position | None, limit: int, max_bytes: int
-) -> Page:
-    """One user's messages across threads, newest first (bounded as list_history)."""
-    return await _bounded_page(
-        conn, USER_PAGE_BOUNDED, user_id, after=after, limit=limit, max_bytes=max_bytes
-    )
+async def list_user_messages(conn: DbConnection, user_id: UUID, window: Window) -> Page:
+    """One user's messages across threads, newest first."""
+    return await _bounded_page(conn, USER_PAGE_BOUNDED, user_id, window=window)
 
 
 async def search(
-    conn: DbConnection,
-    contains: dict[str, Any],
-    thread_id: UUID | None,
-    *,
-    after: Position | None,
-    limit: int,
-    max_bytes: int,
+    conn: DbConnection, contains: dict[str, Any], thread_id: UUID | None, window: Window
 ) -> Page:
     """Messages whose metadata contains `contains`, in one thread (None: every
-    thread), newest first (bounded as list_history)."""
-    return await _bounded_page(
-        conn,
-        SEARCH_PAGE_BOUNDED,
-        contains,
-        thread_id,
-        after=after,
-        limit=limit,
-        max_bytes=max_bytes,
-    )
+    thread), newest first."""
+    return await _bounded_page(conn, SEARCH_PAGE_BOUNDED, contains, thread_id, window=window)
 
 
 @dataclass(frozen=True, slots=True)

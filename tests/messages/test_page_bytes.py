@@ -509,7 +509,7 @@ async def test_the_store_sizes_only_the_rows_a_page_can_hold(
     await db_pool.execute("VACUUM (ANALYZE) messages")
     async with db_pool.acquire() as conn:
         page = await store.list_history(
-            conn, thread, after=None, limit=MAX_PAGE_SIZE + 1, max_bytes=BUDGET
+            conn, thread, store.Window(after=None, limit=MAX_PAGE_SIZE + 1, max_bytes=BUDGET)
         )
         rows, fetched = page.rows, page.fetched
         raw = await conn.fetchval(

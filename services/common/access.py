@@ -14,10 +14,9 @@ from datetime import datetime
 from enum import StrEnum
 from uuid import UUID
 
-import asyncpg
-
 from services.common.errors import NotFound
 from services.common.identity import Caller
+from services.common.rows import Record, column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -45,6 +44,10 @@ class ThreadRow:
     updated_at: datetime
 
 
+# Every statement returning threads selects these, in any service.
+THREAD_COLUMNS = column_list(ThreadRow)
+
+
 @dataclass(frozen=True)
 class ThreadAccess:
     """A thread as the caller may see it, and the caller's part in it."""
@@ -63,13 +66,12 @@ class ThreadAccess:
 # trusted call, matches no participant).
 THREAD_AND_ROLE = named(
     "access.thread_and_role",
-    """
-    SELECT t.id, t.name, t.is_direct, t.is_archived, t.last_message_at, t.created_at,
-           t.updated_at, p.role
+    f"""
+    SELECT {column_list(ThreadRow, alias="t")}, p.role
     FROM threads t
     LEFT JOIN thread_participants p ON p.thread_id = t.id AND p.user_id = $2
     WHERE t.id = $1
-    """,
+    """,  # noqa: S608 (columns from ThreadRow)
 )
 # Locked: the thread row FOR UPDATE for the rest of the transaction (membership
 # changes of one thread serialise on it), then the role by a second statement.
@@ -78,10 +80,7 @@ THREAD_AND_ROLE = named(
 # demoted) by the transaction it waited for would keep their old role.
 LOCK_THREAD = named(
     "access.lock_thread",
-    """
-    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    FROM threads WHERE id = $1 FOR UPDATE
-    """,
+    f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = $1 FOR UPDATE",  # noqa: S608
 )
 ROLE = named(
     "access.role",
@@ -89,16 +88,8 @@ ROLE = named(
 )
 
 
-def thread_row(record: asyncpg.Record) -> ThreadRow:
-    return ThreadRow(
-        id=record["id"],
-        name=record["name"],
-        is_direct=record["is_direct"],
-        is_archived=record["is_archived"],
-        last_message_at=record["last_message_at"],
-        created_at=record["created_at"],
-        updated_at=record["updated_at"],
-    )
+def thread_row(record: Record) -> ThreadRow:
+    return row_of(ThreadRow, record)
 
 
 async def visible_thread(

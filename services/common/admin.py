@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import asyncpg
 from chat.v1 import admin_pb2, admin_pb2_grpc
 from google.protobuf import duration_pb2
@@ -13,6 +15,10 @@ from services.common.identity import caller_of
 from services.common.types import Context
 
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+
+
+# The statistics' dataclasses (database_stats.py) name their fields as the
+# messages of admin.proto do, so each converts by its fields.
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -34,38 +40,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             uptime=uptime,
             cache_hit_ratio=stats.cache_hit_ratio,
             notify_queue_usage=stats.notify_queue_usage,
-            indexes=[
-                admin_pb2.IndexUsage(
-                    table=i.table,
-                    index=i.index,
-                    scans=i.scans,
-                    size_bytes=i.size_bytes,
-                    unused=i.unused,
-                )
-                for i in stats.indexes
-            ],
-            tables=[
-                admin_pb2.TableSize(
-                    table=t.table,
-                    table_bytes=t.table_bytes,
-                    index_bytes=t.index_bytes,
-                    live_rows=t.live_rows,
-                    dead_rows=t.dead_rows,
-                )
-                for t in stats.tables
-            ],
-            connections=[
-                admin_pb2.ConnectionCount(
-                    application_name=c.application_name, state=c.state, count=c.count
-                )
-                for c in stats.connections
-            ],
+            indexes=[admin_pb2.IndexUsage(**asdict(i)) for i in stats.indexes],
+            tables=[admin_pb2.TableSize(**asdict(t)) for t in stats.tables],
+            connections=[admin_pb2.ConnectionCount(**asdict(c)) for c in stats.connections],
             statements_available=stats.statements_available,
             statements_note=stats.statements_note,
             slowest_statements=[
-                admin_pb2.SlowStatement(
-                    query=s.query, calls=s.calls, mean_ms=s.mean_ms, total_ms=s.total_ms
-                )
-                for s in stats.slowest_statements
+                admin_pb2.SlowStatement(**asdict(s)) for s in stats.slowest_statements
             ],
         )

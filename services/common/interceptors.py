@@ -191,54 +191,57 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._check_caller(caller)
             yield
 
-    def _unary(self, inner: UnaryBehavior, method: str, needs_token: bool) -> UnaryBehavior:
+    async def _serve(
+        self,
+        method: str,
+        request: Any,
+        context: Context,
+        needs_token: bool,
+        run: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """Run one call's handler (`run`) admitted, then log it; an error becomes
+        its status. The one path of every handler kind the interceptor wraps."""
         quiet = self._is_open(method)
+        call = _CallRecord.start(method, context, quiet=quiet)
+        code = grpc.StatusCode.OK
+        try:
+            if quiet:
+                return await run()
+            async with self._admitted(request, context, needs_token):
+                return await run()
+        except BaseException as exc:
+            # Ended from outside with a status (services/common/interrupts.py),
+            # e.g. a stream stuck writing to a client that stopped reading.
+            why = interrupts.take(asyncio.current_task())
+            if why is not None:
+                await _drain_write(asyncio.current_task())
+            code, error = _classify(why or exc, method, context)
+            if error is None:
+                raise
+            await _abort(context, error)
+        finally:
+            _log_rpc(call, code)
 
+    def _unary(self, inner: UnaryBehavior, method: str, needs_token: bool) -> UnaryBehavior:
         async def behavior(request: Any, context: Context) -> Any:
-            call = _CallRecord.start(method, context, quiet=quiet)
-            code = grpc.StatusCode.OK
-            try:
-                if quiet:
-                    return await inner(request, context)
-                async with self._admitted(request, context, needs_token):
-                    return await inner(request, context)
-            except BaseException as exc:
-                code, error = _classify(exc, method, context)
-                if error is None:
-                    raise
-                await _abort(context, error)
-            finally:
-                _log_rpc(call, code)
+            return await self._serve(
+                method, request, context, needs_token, lambda: inner(request, context)
+            )
 
         return behavior
 
     def _stream(self, inner: StreamBehavior, method: str, needs_token: bool) -> WriterBehavior:
-        quiet = self._is_open(method)
-
         # A coroutine function on purpose (see the module docstring): grpcio then
         # awaits it inside the RPC's task, so a cancellation reaches this frame
         # while the call is alive, and the handler's generator is closed here.
         async def behavior(request: Any, context: Context) -> None:
-            call = _CallRecord.start(method, context, quiet=quiet)
-            code = grpc.StatusCode.OK
-            try:
-                if quiet:
-                    await _drive(inner(request, context), context)
-                else:
-                    async with self._admitted(request, context, needs_token):
-                        await _drive(inner(request, context), context)
-            except BaseException as exc:
-                # Ended from outside with a status (services/common/interrupts.py),
-                # e.g. a stream stuck writing to a client that stopped reading.
-                why = interrupts.take(asyncio.current_task())
-                if why is not None:
-                    await _drain_write(asyncio.current_task())
-                code, error = _classify(why or exc, method, context)
-                if error is None:
-                    raise
-                await _abort(context, error)
-            finally:
-                _log_rpc(call, code)
+            await self._serve(
+                method,
+                request,
+                context,
+                needs_token,
+                lambda: _drive(inner(request, context), context),
+            )
 
         return behavior
 

@@ -17,10 +17,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvloop
 from chat.v1 import admin_pb2_grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
@@ -69,6 +71,21 @@ class ServiceDefinition:
     name: str  # "users", "threads", "messages": default port, application_name
     full_name: str  # the proto service, e.g. "chat.v1.UsersService"
     register: Callable[[grpc.aio.Server, Runtime], Awaitable[None]]
+
+    @classmethod
+    def of_servicer(
+        cls,
+        name: str,
+        service: ServiceDescriptor,
+        add_to_server: Callable[[Any, grpc.aio.Server], None],
+        servicer: Callable[[Runtime], object],
+    ) -> ServiceDefinition:
+        """A service whose servicer needs only the runtime (pool and settings)."""
+
+        async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
+            add_to_server(servicer(runtime), server)
+
+        return cls(name=name, full_name=service.full_name, register=register)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -11,6 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.common.rows import column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -43,18 +44,16 @@ class MessageRow:
     attachments: list[AttachmentRow] = field(default_factory=list)
 
 
-# Every SELECT of a row type lists these columns (derived from the type's fields,
-# so a new field is selected everywhere) and rows are built by name, never by
-# position: a reordered SELECT cannot shift fields.
-MESSAGE_FIELDS = tuple(f.name for f in fields(MessageRow) if f.name != "attachments")
-MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS)
-ATTACHMENT_FIELDS = tuple(f.name for f in fields(AttachmentRow))
-ATTACHMENT_COLUMNS = ", ".join(ATTACHMENT_FIELDS)
+# Every statement returning these rows selects these columns (see rows.py);
+# a message's attachments are read apart.
+_LOADED_APART = frozenset({"attachments"})
+MESSAGE_COLUMNS = column_list(MessageRow, exclude=_LOADED_APART)
+ATTACHMENT_COLUMNS = column_list(AttachmentRow)
 
 
 def _qualified(alias: str) -> str:
     """MESSAGE_COLUMNS of table alias `alias` (for joins)."""
-    return ", ".join(f"{alias}.{name}" for name in MESSAGE_FIELDS)
+    return column_list(MessageRow, alias=alias, exclude=_LOADED_APART)
 
 
 class SendOutcome(StrEnum):
@@ -316,11 +315,11 @@ COUNT_ATTACHMENTS = named(
 
 def _message(record: asyncpg.Record) -> MessageRow:
     """A message row by column name (a record may carry more columns, e.g. `fetched`)."""
-    return MessageRow(**{name: record[name] for name in MESSAGE_FIELDS})
+    return row_of(MessageRow, record, exclude=_LOADED_APART)
 
 
 def _attachment(record: asyncpg.Record) -> AttachmentRow:
-    return AttachmentRow(**{name: record[name] for name in ATTACHMENT_FIELDS})
+    return row_of(AttachmentRow, record)
 
 
 async def with_attachments(conn: DbConnection, rows: Sequence[MessageRow]) -> list[MessageRow]:

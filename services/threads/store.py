@@ -9,8 +9,9 @@ from uuid import UUID
 
 import asyncpg
 
-from services.common.access import ThreadRow, thread_row
+from services.common.access import THREAD_COLUMNS, ThreadRow, thread_row
 from services.common.errors import NotFound
+from services.common.rows import column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -39,16 +40,11 @@ class InboxRow:
 
 # One shape of a thread row for every service (access reads it too).
 _thread = thread_row
+PARTICIPANT_COLUMNS = column_list(ParticipantRow)
 
 
 def _participant(record: asyncpg.Record) -> ParticipantRow:
-    return ParticipantRow(
-        thread_id=record["thread_id"],
-        user_id=record["user_id"],
-        role=record["role"],
-        last_read_at=record["last_read_at"],
-        created_at=record["created_at"],
-    )
+    return row_of(ParticipantRow, record)
 
 
 # The ownership rule (db/functions/ownership.sql) after members join.
@@ -63,25 +59,19 @@ LOCK_USERS = named(
 )
 INSERT_GROUP = named(
     "threads.insert_group",
-    """
-    INSERT INTO threads (name) VALUES ($1)
-    RETURNING id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    """,
+    f"INSERT INTO threads (name) VALUES ($1) RETURNING {THREAD_COLUMNS}",  # noqa: S608
 )
 INSERT_DIRECT = named(
     "threads.insert_direct",
-    """
+    f"""
     INSERT INTO threads (is_direct, direct_key) VALUES (true, $1)
     ON CONFLICT (direct_key) DO NOTHING
-    RETURNING id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    """,
+    RETURNING {THREAD_COLUMNS}
+    """,  # noqa: S608
 )
 DIRECT_BY_KEY = named(
     "threads.direct_by_key",
-    """
-    SELECT id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    FROM threads WHERE direct_key = $1
-    """,
+    f"SELECT {THREAD_COLUMNS} FROM threads WHERE direct_key = $1",  # noqa: S608
 )
 ADD_PARTICIPANTS = named(
     "threads.add_participants",
@@ -93,29 +83,29 @@ ADD_PARTICIPANTS = named(
 )
 PARTICIPANTS_OF = named(
     "threads.participants_of",
-    """
-    SELECT thread_id, user_id, role, last_read_at, created_at
+    f"""
+    SELECT {PARTICIPANT_COLUMNS}
     FROM thread_participants WHERE thread_id = $1 AND user_id = ANY ($2::uuid[])
     ORDER BY user_id
-    """,
+    """,  # noqa: S608
 )
 MEMBERSHIP = named(
     "threads.membership",
-    """
-    SELECT thread_id, user_id, role, last_read_at, created_at
+    f"""
+    SELECT {PARTICIPANT_COLUMNS}
     FROM thread_participants WHERE thread_id = $1 AND user_id = $2
-    """,
+    """,  # noqa: S608
 )
 UPDATE = named(
     "threads.update",
-    """
+    f"""
     UPDATE threads SET
         name = CASE WHEN $2 THEN $3 ELSE name END,
         is_archived = CASE WHEN $4 THEN $5 ELSE is_archived END,
         updated_at = greatest(now(), updated_at + interval '1 microsecond')
     WHERE id = $1
-    RETURNING id, name, is_direct, is_archived, last_message_at, created_at, updated_at
-    """,
+    RETURNING {THREAD_COLUMNS}
+    """,  # noqa: S608
 )
 DELETE = named("threads.delete", "DELETE FROM threads WHERE id = $1")
 NOTIFY = named("threads.notify_membership", "SELECT chat_notify_membership($1, $2)")
@@ -134,20 +124,20 @@ OTHER_ACTIVE_OWNERS = named(
 )
 SET_ROLE = named(
     "threads.set_role",
-    """
+    f"""
     UPDATE thread_participants SET role = $3 WHERE thread_id = $1 AND user_id = $2
-    RETURNING thread_id, user_id, role, last_read_at, created_at
-    """,
+    RETURNING {PARTICIPANT_COLUMNS}
+    """,  # noqa: S608
 )
 LIST_PARTICIPANTS = named(
     "threads.list_participants",
-    """
-    SELECT thread_id, user_id, role, last_read_at, created_at
+    f"""
+    SELECT {PARTICIPANT_COLUMNS}
     FROM thread_participants
     WHERE thread_id = $1 AND ($2::uuid IS NULL OR user_id > $2)
     ORDER BY user_id
     LIMIT $3
-    """,
+    """,  # noqa: S608
 )
 # The read mark only moves forward, and never past the thread's newest committed
 # message: read under a share lock on the thread row, which waits for any send in
@@ -158,7 +148,7 @@ LIST_PARTICIPANTS = named(
 # reading could cover a send stamped earlier but committed later).
 MARK_READ = named(
     "threads.mark_read",
-    """
+    f"""
     WITH newest AS (
         SELECT coalesce(last_message_at, '-infinity'::timestamptz) AS at
         FROM threads WHERE id = $1
@@ -170,17 +160,17 @@ MARK_READ = named(
         nullif(least(coalesce($3::timestamptz, 'infinity'), newest.at), '-infinity'))
     FROM newest
     WHERE p.thread_id = $1 AND p.user_id = $2
-    RETURNING p.thread_id, p.user_id, p.role, p.last_read_at, p.created_at
-    """,
+    RETURNING {column_list(ParticipantRow, alias="p")}
+    """,  # noqa: S608
 )
 # The inbox: the user's memberships, newest activity first, each with its unread
 # count under the cap (an index range scan of idx_messages_thread that stops
 # after UNREAD_CAP + 1 matching messages).
 INBOX = named(
     "threads.inbox",
-    """
-    SELECT t.id, t.name, t.is_direct, t.is_archived, t.last_message_at, t.created_at,
-           t.updated_at, coalesce(t.last_message_at, t.created_at) AS activity_at,
+    f"""
+    SELECT {column_list(ThreadRow, alias="t")},
+           coalesce(t.last_message_at, t.created_at) AS activity_at,
            p.thread_id, p.user_id, p.role, p.last_read_at, p.created_at AS joined_at,
            CASE WHEN t.last_message_at > coalesce(p.last_read_at, '-infinity') THEN (
                SELECT count(*) FROM (
@@ -200,7 +190,7 @@ INBOX = named(
            OR (coalesce(t.last_message_at, t.created_at), t.id) < ($3, $4))
     ORDER BY coalesce(t.last_message_at, t.created_at) DESC, t.id DESC
     LIMIT $5
-    """,
+    """,  # noqa: S608
 )
 # Per-thread counts under the cap (computed once per thread in the LATERAL),
 # summed over the user's non-archived threads that had activity since their read mark.
@@ -366,13 +356,7 @@ async def inbox(
     return [
         InboxRow(
             thread=_thread(r),
-            participant=ParticipantRow(
-                thread_id=r["thread_id"],
-                user_id=r["user_id"],
-                role=r["role"],
-                last_read_at=r["last_read_at"],
-                created_at=r["joined_at"],
-            ),
+            participant=row_of(ParticipantRow, r, renamed={"created_at": "joined_at"}),
             unread=int(r["unread"]),
             activity_at=r["activity_at"],
         )

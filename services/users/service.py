@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
 from chat.v1 import users_pb2, users_pb2_grpc
 
-from services.common.server import Runtime, ServiceDefinition
+from services.common.server import ServiceDefinition
 from services.users.servicer import UsersServicer
 
-
-async def register(server: grpc.aio.Server, runtime: Runtime) -> None:
-    users_pb2_grpc.add_UsersServiceServicer_to_server(UsersServicer(runtime), server)
-
-
-DEFINITION = ServiceDefinition(
-    name="users",
-    full_name=users_pb2.DESCRIPTOR.services_by_name["UsersService"].full_name,
-    register=register,
+DEFINITION = ServiceDefinition.of_servicer(
+    "users",
+    users_pb2.DESCRIPTOR.services_by_name["UsersService"],
+    users_pb2_grpc.add_UsersServiceServicer_to_server,
+    UsersServicer,
 )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
+from services.common.rows import column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -36,10 +37,8 @@ class UserRow:
     updated_at: datetime
 
 
-# Every statement returning users selects exactly UserRow's fields, and rows are
-# built by column name: one list, so a reordered SELECT cannot shift fields.
-# (Composed from this module's constants at import time, never from input.)
-USER_COLUMNS = ", ".join(f.name for f in fields(UserRow))
+# Every statement returning users selects exactly UserRow's fields (see rows.py).
+USER_COLUMNS = column_list(UserRow)
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ RECORD_LOGIN = named(
 
 
 def _row(record: asyncpg.Record | None) -> UserRow | None:
-    return None if record is None else UserRow(**dict(record))
+    return None if record is None else row_of(UserRow, record)
 
 
 def _unique_violation(exc: asyncpg.UniqueViolationError) -> AlreadyExists:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 
@@ -12,6 +13,7 @@ from services.messages.service import DEFINITION as MESSAGES
 from services.threads.service import DEFINITION as THREADS
 from services.users.service import DEFINITION as USERS
 from tests.conftest import running
+from tests.hostile.world import seed_world
 
 
 @pytest.fixture
@@ -23,3 +25,9 @@ async def channels(service_settings: ServiceSettings) -> AsyncIterator[dict[str,
         running(MESSAGES, service_settings) as (_, messages),
     ):
         yield {"users": users, "threads": threads, "messages": messages}
+
+
+@pytest.fixture
+async def world(db_pool: asyncpg.Pool) -> list[str]:
+    """Ids of a small seeded world (tests/hostile/world.py)."""
+    return await seed_world(db_pool)

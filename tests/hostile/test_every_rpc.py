@@ -14,7 +14,6 @@ succeed too; after every call, accepted or refused, the data's rules are checked
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,8 +32,7 @@ from services.common.server import ServiceDefinition
 from services.messages.service import DEFINITION as MESSAGES
 from services.threads.service import DEFINITION as THREADS
 from services.users.service import DEFINITION as USERS
-from tests.factories import new_room, send
-from tests.hostile.test_malformed_input import ALLOWED, FRAGMENTS, structs
+from tests.hostile.world import ALLOWED, FRAGMENTS, broken_invariants, row_counts, structs
 from tests.rpc_errors import error_info, violated_fields
 
 SERVICES: list[tuple[ServiceDefinition, Any]] = [
@@ -135,73 +133,6 @@ def _build(cls: Any, values: dict[str, Any]) -> Message:
     return message
 
 
-async def _counts(db: asyncpg.Pool) -> tuple[int, ...]:
-    row = await db.fetchrow(
-        "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM threads), "
-        "(SELECT count(*) FROM thread_participants), (SELECT count(*) FROM messages), "
-        "(SELECT count(*) FROM message_attachments)"
-    )
-    assert row is not None
-    return tuple(row)
-
-
-# What must hold after any call, accepted or refused (each query counts violations).
-INVARIANTS = {
-    "a deleted message keeps no content or attachment": """
-        SELECT count(*) FROM messages m
-        WHERE m.status = 'deleted'
-          AND (m.content <> '' OR EXISTS (SELECT 1 FROM message_attachments a
-                                          WHERE a.message_id = m.id))
-    """,
-    "at most 20 attachments per message": """
-        SELECT count(*) FROM (SELECT 1 FROM message_attachments
-                              GROUP BY message_id HAVING count(*) > 20) over_limit
-    """,
-    "a direct thread has at most its two participants": """
-        SELECT count(*) FROM threads t
-        WHERE t.is_direct
-          AND (SELECT count(*) FROM thread_participants p WHERE p.thread_id = t.id) > 2
-    """,
-    "every position is within its thread's counter": """
-        SELECT count(*) FROM messages m JOIN threads t ON t.id = m.thread_id
-        WHERE m.seq > t.last_seq OR m.change_seq > t.last_seq
-    """,
-    "identities are in their ASCII form": """
-        SELECT count(*) FROM users WHERE email !~ '^[!-~]+$' OR username !~ '^[!-~]+$'
-    """,
-}
-
-
-async def _broken_invariants(db: asyncpg.Pool) -> list[str]:
-    return [name for name, sql in INVARIANTS.items() if await db.fetchval(sql)]
-
-
-@pytest.fixture
-async def world(db_pool: asyncpg.Pool) -> list[str]:
-    """Ids of a small seeded world: users, a group with messages, a reply, an attachment."""
-    room = await new_room(db_pool)
-    first = await send(db_pool, room.thread_id, room.owner, "first")
-    reply = await db_pool.fetchval(
-        "SELECT id FROM chat_send_message($1, $2, 'reply', $3, NULL, NULL, "
-        """'[{"url": "https://x.io/a", "type": "t", "name": "a", "size": 1}]'::jsonb)""",
-        uuid.UUID(room.thread_id),
-        uuid.UUID(room.member),
-        uuid.UUID(first),
-    )
-    attachment = await db_pool.fetchval(
-        "SELECT id FROM message_attachments WHERE message_id = $1", reply
-    )
-    return [
-        room.thread_id,
-        room.owner,
-        room.member,
-        room.outsider,
-        first,
-        str(reply),
-        str(attachment),
-    ]
-
-
 async def _call(
     channel: grpc.aio.Channel, method: MethodDescriptor, payload: bytes
 ) -> grpc.aio.AioRpcError | None:
@@ -252,13 +183,13 @@ async def test_generated_requests(
 ) -> None:
     path = f"{method.containing_service.name}/{method.name}"
     request = data.draw(message_strategy(method.input_type, known_ids=world), label="request")
-    before = await _counts(db_pool)
+    before = await row_counts(db_pool)
     err = await _call(channels[definition.name], method, request.SerializeToString())
     if err is not None:
         _assert_allowed(err, path)
-        assert await _counts(db_pool) == before, f"{path} was refused but wrote"
+        assert await row_counts(db_pool) == before, f"{path} was refused but wrote"
     # Accepted or not, the rules still hold.
-    assert await _broken_invariants(db_pool) == [], (path, request)
+    assert await broken_invariants(db_pool) == [], (path, request)
 
 
 def _invalid_utf8_request(descriptor: Descriptor) -> bytes | None:
@@ -279,12 +210,12 @@ async def test_invalid_utf8_on_the_wire_is_invalid_argument(
         payload = _invalid_utf8_request(method.input_type)
         if payload is None:
             continue
-        before = await _counts(db_pool)
+        before = await row_counts(db_pool)
         err = await _call(channels[definition.name], method, payload)
         assert err is not None, method.full_name
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.full_name, err.code())
         assert violated_fields(err) == {"request"}
-        assert await _counts(db_pool) == before
+        assert await row_counts(db_pool) == before
         checked += 1
     assert checked > 20
 
@@ -316,7 +247,7 @@ async def test_an_ambiguous_identity_is_invalid_argument_on_every_rpc(
     identity: list[tuple[str, str]], channels: dict[str, Any], db_pool: asyncpg.Pool
 ) -> None:
     """Never read as a trusted call, never one of two users: refused, naming the header."""
-    before = await _counts(db_pool)
+    before = await row_counts(db_pool)
     for definition, method in METHODS:
         path = f"/{method.containing_service.full_name}/{method.name}"
         channel = channels[definition.name]
@@ -328,4 +259,4 @@ async def test_an_ambiguous_identity_is_invalid_argument_on_every_rpc(
                 await channel.unary_unary(path)(b"", metadata=identity, timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, caught.value)
         assert violated_fields(caught.value) == {"x-user-id"}, path
-    assert await _counts(db_pool) == before
+    assert await row_counts(db_pool) == before

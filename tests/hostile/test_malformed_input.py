@@ -1,16 +1,19 @@
 """Hostile and malformed input never yields INTERNAL, UNKNOWN or a hang (property-based).
 
 Generated requests for the services' RPCs: random and boundary strings (empty,
-whitespace, long, NUL, SQL and JSON fragments), random and malformed UUIDs, deep
-and wide metadata, negative and huge sizes and page sizes, unknown enum values.
-The only outcomes allowed are success or a client error with details.
+whitespace, long, NUL, SQL and JSON fragments), ids of a seeded world as well as
+random and malformed UUIDs, deep and wide metadata, negative and huge sizes and
+page sizes, unknown enum values. The only outcomes allowed are success or a
+client error with details; a refused call writes nothing, and after every call
+the data's rules hold (tests/hostile/world.py).
 """
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from chat.v1 import (
@@ -25,38 +28,16 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.hostile.world import (
+    ALLOWED,
+    broken_invariants,
+    ids_or_known,
+    row_counts,
+    sizes,
+    structs,
+    texts,
+)
 from tests.rpc_errors import error_info
-
-ALLOWED = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-FRAGMENTS = [
-    "", " ", "\t\n", "\x00", "a\x00b", "'; DROP TABLE users; --", "\" OR 1=1 --",
-    '{"a": [1, {"b": null}]}', "💬" * 3, "x" * 300, "%s%s%n", "../../etc/passwd",
-    "00000000-0000-0000-0000-000000000000", "not-a-uuid", str(uuid.uuid4()).upper(),
-]  # fmt: skip
-# Text that protobuf can carry (no lone surrogates: they cannot be encoded as UTF-8).
-texts = st.one_of(
-    st.sampled_from(FRAGMENTS),
-    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=400),
-    st.builds(lambda n: "y" * n, st.sampled_from([10_000, 10_001, 100_000])),
-)
-ids = st.one_of(st.sampled_from(FRAGMENTS), st.uuids().map(str), texts)
-sizes = st.integers(min_value=-(2**31), max_value=2**31 - 1)
-# Floats include NaN and infinities: refused (JSON has none), never INTERNAL.
-json_values = st.recursive(
-    st.none() | st.booleans() | st.floats() | texts,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=30,
-)
-structs = st.dictionaries(st.text(max_size=12), json_values, max_size=6)
 
 SETTINGS = settings(
     max_examples=40,
@@ -71,13 +52,17 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-async def outcome(call: Any) -> None:
-    """Succeeds, or fails with an allowed code carrying details; never hangs."""
+async def outcome(db: asyncpg.Pool, call: Callable[[], Awaitable[Any]]) -> None:
+    """Succeeds, or fails with an allowed code carrying details and writes nothing;
+    never hangs; either way the data's rules still hold."""
+    before = await row_counts(db)
     try:
-        await call
+        await call()
     except grpc.aio.AioRpcError as err:
         assert err.code() in ALLOWED, (err.code(), err.details())
         assert error_info(err).reason  # rich details, always
+        assert await row_counts(db) == before, "refused but wrote"
+    assert await broken_invariants(db) == []
 
 
 @pytest.fixture
@@ -90,100 +75,135 @@ def stubs(channels: dict[str, grpc.aio.Channel]) -> dict[str, Any]:
 
 
 @SETTINGS
-@given(email=texts, username=texts, first=texts, image=texts, user_id=ids, page=sizes, query=texts)
+@given(
+    email=texts, username=texts, first=texts, image=texts, page=sizes, query=texts, data=st.data()
+)
 async def test_users_rpcs(
     stubs: dict[str, Any],
+    db_pool: asyncpg.Pool,
+    world: list[str],
     email: str,
     username: str,
     first: str,
     image: str,
-    user_id: str,
     page: int,
     query: str,
+    data: st.DataObject,
 ) -> None:
     users = stubs["users"]
+    user_id = data.draw(ids_or_known(world), label="user_id")
     user = users_pb2.User(email=email, username=username, first_name=first, profile_image=image)
-    await outcome(users.CreateUser(users_pb2.CreateUserRequest(user=user), timeout=10))
-    await outcome(users.GetUser(users_pb2.GetUserRequest(id=user_id), timeout=10))
-    await outcome(users.LookupUser(users_pb2.LookupUserRequest(email=email), timeout=10))
     await outcome(
-        users.ListUsers(
-            users_pb2.ListUsersRequest(page_size=page, query=query, page_token=username), timeout=10
-        )
+        db_pool, lambda: users.CreateUser(users_pb2.CreateUserRequest(user=user), timeout=10)
+    )
+    await outcome(db_pool, lambda: users.GetUser(users_pb2.GetUserRequest(id=user_id), timeout=10))
+    await outcome(
+        db_pool, lambda: users.LookupUser(users_pb2.LookupUserRequest(email=email), timeout=10)
     )
     await outcome(
-        users.UpdateUser(
+        db_pool,
+        lambda: users.ListUsers(
+            users_pb2.ListUsersRequest(page_size=page, query=query, page_token=username), timeout=10
+        ),
+    )
+    await outcome(
+        db_pool,
+        lambda: users.UpdateUser(
             users_pb2.UpdateUserRequest(user=users_pb2.User(id=user_id, email=email)), timeout=10
         ),
     )
     await outcome(
-        users.BatchGetUsers(users_pb2.BatchGetUsersRequest(ids=[user_id, email]), timeout=10)
+        db_pool,
+        lambda: users.BatchGetUsers(
+            users_pb2.BatchGetUsersRequest(ids=[user_id, email]), timeout=10
+        ),
     )
 
 
 @SETTINGS
-@given(name=texts, some_id=ids, other=ids, page=sizes, role=st.integers(-5, 10), token=texts)
+@given(name=texts, page=sizes, role=st.integers(-5, 10), token=texts, data=st.data())
 async def test_threads_rpcs(
-    stubs: dict[str, Any], name: str, some_id: str, other: str, page: int, role: int, token: str
+    stubs: dict[str, Any],
+    db_pool: asyncpg.Pool,
+    world: list[str],
+    name: str,
+    page: int,
+    role: int,
+    token: str,
+    data: st.DataObject,
 ) -> None:
     threads = stubs["threads"]
+    some_id = data.draw(ids_or_known(world), label="some_id")
+    other = data.draw(ids_or_known(world), label="other")
     await outcome(
-        threads.CreateThread(
+        db_pool,
+        lambda: threads.CreateThread(
             threads_pb2.CreateThreadRequest(name=name, creator_id=some_id, participant_ids=[other]),
             timeout=10,
-        )
+        ),
     )
     await outcome(
-        threads.GetOrCreateDirectThread(
+        db_pool,
+        lambda: threads.GetOrCreateDirectThread(
             threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[some_id, other]), timeout=10
-        )
+        ),
     )
     await outcome(
-        threads.ListThreads(
+        db_pool,
+        lambda: threads.ListThreads(
             threads_pb2.ListThreadsRequest(user_id=some_id, page_size=page, page_token=token),
             timeout=10,
-        )
+        ),
     )
     await outcome(
-        threads.UpdateParticipant(
+        db_pool,
+        lambda: threads.UpdateParticipant(
             threads_pb2.UpdateParticipantRequest(thread_id=some_id, user_id=other, role=role),  # type: ignore[arg-type]
             timeout=10,
-        )
+        ),
     )
     await outcome(
-        threads.MarkRead(threads_pb2.MarkReadRequest(thread_id=some_id, user_id=other), timeout=10)
+        db_pool,
+        lambda: threads.MarkRead(
+            threads_pb2.MarkReadRequest(thread_id=some_id, user_id=other), timeout=10
+        ),
     )
     await outcome(
-        threads.GetUnreadCount(threads_pb2.GetUnreadCountRequest(user_id=other), timeout=10)
+        db_pool,
+        lambda: threads.GetUnreadCount(
+            threads_pb2.GetUnreadCountRequest(user_id=other), timeout=10
+        ),
     )
 
 
 @SETTINGS
 @given(
     content=texts,
-    thread_id=ids,
-    user_id=ids,
     meta=structs,
     url=texts,
     size=st.integers(-(2**40), 2**40),
     page=sizes,
-    token=texts,
+    data=st.data(),
 )
 async def test_messages_rpcs(
     stubs: dict[str, Any],
+    db_pool: asyncpg.Pool,
+    world: list[str],
     content: str,
-    thread_id: str,
-    user_id: str,
     meta: dict[str, Any],
     url: str,
     size: int,
     page: int,
-    token: str,
+    data: st.DataObject,
 ) -> None:
     messages = stubs["messages"]
+    thread_id = data.draw(ids_or_known(world), label="thread_id")
+    user_id = data.draw(ids_or_known(world), label="user_id")
+    token = data.draw(st.one_of(texts, ids_or_known(world)), label="token")
     attachment = messages_pb2.Attachment(url=url, type=content[:60], name=content, size=size)
     await outcome(
-        messages.SendMessage(
+        db_pool,
+        lambda: messages.SendMessage(
             messages_pb2.SendMessageRequest(
                 thread_id=thread_id,
                 user_id=user_id,
@@ -194,21 +214,23 @@ async def test_messages_rpcs(
                 parent_id=token,
             ),
             timeout=10,
-        )
+        ),
     )
     await outcome(
-        messages.ListMessages(
+        db_pool,
+        lambda: messages.ListMessages(
             messages_pb2.ListMessagesRequest(thread_id=thread_id, page_size=page, page_token=token),
             timeout=10,
-        )
+        ),
     )
     await outcome(
-        messages.SearchMessages(
+        db_pool,
+        lambda: messages.SearchMessages(
             messages_pb2.SearchMessagesRequest(
                 thread_id=thread_id, metadata_contains=struct(meta), page_size=page
             ),
             timeout=10,
-        )
+        ),
     )
     stream = messages.StreamThreadMessages(
         messages_pb2.StreamThreadMessagesRequest(thread_id=thread_id, after=token), timeout=2

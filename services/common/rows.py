@@ -1,0 +1,50 @@
+"""Rows as typed dataclasses: selected by one column list, built by column name.
+
+Every store derives its SELECT and RETURNING lists from a row type's fields, so a
+new field is selected everywhere, and builds rows by name, never by position: a
+reordered SELECT cannot shift fields. The lists are composed from these types at
+import time, never from input; every value in a statement stays a parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, Protocol, TypeVar
+
+Row = TypeVar("Row")
+
+
+class Record(Protocol):
+    """What a row is built from: an asyncpg.Record, or any mapping of column names."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+def field_names(row_type: type[Any], *, exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """The columns of `row_type`: its dataclass fields, less `exclude` (derived ones)."""
+    return tuple(f.name for f in fields(row_type) if f.name not in exclude)
+
+
+def column_list(
+    row_type: type[Any], *, alias: str = "", exclude: frozenset[str] = frozenset()
+) -> str:
+    """`row_type`'s columns for a SELECT or RETURNING list, qualified by `alias` if given."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(prefix + name for name in field_names(row_type, exclude=exclude))
+
+
+def row_of(
+    row_type: type[Row],
+    record: Record,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    renamed: Mapping[str, str] | None = None,
+) -> Row:
+    """A `row_type` from `record` by column name (the record may carry more columns).
+    `renamed` maps a field to the column holding it when a join renamed it."""
+    names = renamed or {}
+    values = {
+        name: record[names.get(name, name)] for name in field_names(row_type, exclude=exclude)
+    }
+    return row_type(**values)

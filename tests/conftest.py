@@ -20,6 +20,9 @@ from services.common.logs import configure_logging
 from services.common.pool import create_pool
 from services.common.server import RunningService, ServiceDefinition, start_service
 from services.common.settings import ServiceSettings
+from services.messages.service import DEFINITION as MESSAGES
+from services.threads.service import DEFINITION as THREADS
+from services.users.service import DEFINITION as USERS
 from tests.postgres import DatabaseFactory, postgres_server
 
 
@@ -126,3 +129,14 @@ async def health_status(channel: grpc.aio.Channel, service: str = "") -> str:
     stub: Any = health_pb2_grpc.HealthStub(channel)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+@pytest.fixture
+async def channels(service_settings: ServiceSettings) -> AsyncIterator[dict[str, grpc.aio.Channel]]:
+    """A channel to each service, by name ("users", "threads", "messages")."""
+    async with (
+        running(USERS, service_settings) as (_, users),
+        running(THREADS, service_settings) as (_, threads),
+        running(MESSAGES, service_settings) as (_, messages),
+    ):
+        yield {"users": users, "threads": threads, "messages": messages}

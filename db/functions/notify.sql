@@ -26,3 +26,22 @@ LANGUAGE sql AS $$
     SELECT pg_notify('chat_membership',
                      json_build_object('thread_id', p_thread_id, 'user_id', p_user_id)::text)
 $$;
+
+-- The user streams' log reached `p_position` (chat_sequence_events): the
+-- position as text on chat_log (channels.LOG_POSITION). Sent by the sequencer's
+-- transaction, never by a writer's.
+CREATE OR REPLACE FUNCTION chat_notify_log(p_position bigint)
+RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('chat_log', p_position::text)
+$$;
+
+-- A participant is typing: {"thread_id", "user_id", "expire_time"} on
+-- chat_typing (channels.Typing). Never stored; sent outside any write.
+CREATE OR REPLACE FUNCTION chat_notify_typing(
+    p_thread_id uuid, p_user_id uuid, p_expire_time timestamptz
+) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('chat_typing', json_build_object(
+        'thread_id', p_thread_id, 'user_id', p_user_id, 'expire_time', p_expire_time)::text)
+$$;

@@ -44,6 +44,15 @@ class ThreadRow:
     updated_at: datetime
 
 
+@dataclass(frozen=True)
+class ParticipantRow:
+    thread_id: UUID
+    user_id: UUID
+    role: str
+    last_read_at: datetime | None
+    created_at: datetime
+
+
 # Every statement returning threads selects these, in any service.
 THREAD_COLUMNS = column_list(ThreadRow)
 

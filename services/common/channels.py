@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 # "thread_id:position" after a thread's stream moved on (a message created,
@@ -56,3 +57,37 @@ def parse_membership_change(payload: object) -> MembershipChange:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a membership change: {payload!r}") from exc
     return MembershipChange(thread_id, user_id)
+
+
+# The user streams' log reached a position (chat_notify_log, sent by the
+# sequencer after it numbered committed events): the position as text.
+LOG = "chat_log"
+# A participant is typing (chat_notify_typing): Typing. Never stored.
+TYPING = "chat_typing"
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """A payload of TYPING (chat_notify_typing)."""
+
+    thread_id: UUID
+    user_id: UUID
+    expire_time: datetime
+
+
+def parse_log_position(payload: object) -> int:
+    """Raises ValueError for anything chat_notify_log does not send."""
+    return int(str(payload))
+
+
+def parse_typing(payload: object) -> Typing:
+    """Raises ValueError for anything chat_notify_typing does not send."""
+    try:
+        typing = json.loads(str(payload))
+        return Typing(
+            UUID(typing["thread_id"]),
+            UUID(typing["user_id"]),
+            datetime.fromisoformat(typing["expire_time"]),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a typing notification: {payload!r}") from exc

@@ -109,6 +109,12 @@ def check_own_listing(caller: Caller, user_id: UUID) -> None:
         raise PermissionDenied("a user may only list their own messages")
 
 
+def check_own_stream(caller: Caller, user_id: UUID) -> None:
+    """A user follows only their own user stream; a trusted gateway any user's."""
+    if not caller.trusted and not caller.is_user(user_id):
+        raise PermissionDenied("a user may only stream their own events")
+
+
 def check_search_scope(caller: Caller, thread_id: UUID | None) -> None:
     """Only a trusted call searches every thread; a user names one (checked by
     readable_thread), so a search never spans threads it cannot read."""

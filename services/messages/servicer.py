@@ -24,6 +24,7 @@ from services.messages.paging import Listing, PageRequest, page_request
 from services.messages.settings import MessagesSettings
 from services.messages.store import Page
 from services.messages.streams import StreamHub
+from services.messages.user_view import decode_cursor as decode_user_cursor
 from services.messages.validation import (
     attachment_of,
     attachments_of,
@@ -228,4 +229,13 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         after = decode_cursor(request.after, thread_id) if request.after else None
         async for response in self._hub.stream(thread_id, after, caller_of(context)):
+            yield response
+
+    async def StreamUserEvents(
+        self, request: messages_pb2.StreamUserEventsRequest, context: Context
+    ) -> AsyncIterator[messages_pb2.StreamUserEventsResponse]:
+        user_id = parse_uuid(request.user_id, "user_id")
+        policy.check_own_stream(caller_of(context), user_id)
+        after = decode_user_cursor(request.after) if request.after else None
+        async for response in self._hub.users.stream(user_id, after):
             yield response

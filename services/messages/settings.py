@@ -47,3 +47,14 @@ class MessagesSettings(BaseSettings):
     listener_heartbeat_timeout_s: float = Field(
         default=5.0, gt=0, alias="STREAM_LISTENER_HEARTBEAT_TIMEOUT"
     )
+    # User streams (StreamUserEvents). The sequencer numbers committed log events
+    # at least this often (a send's notification wakes it at once; membership
+    # changes, renames and read marks wait for the tick).
+    log_tick_s: float = Field(default=0.05, gt=0, le=10, alias="USER_LOG_TICK")
+    # Events numbered per sequencer transaction.
+    log_sequence_batch: int = Field(default=5000, ge=1, alias="USER_LOG_SEQUENCE_BATCH")
+    # How long the log keeps events: a cursor older than this is CURSOR_EXPIRED.
+    log_retention_s: float = Field(default=7 * 24 * 3600, gt=0, alias="USER_LOG_RETENTION")
+    # How often one process prunes expired events, and how many per pass.
+    log_prune_every_s: float = Field(default=60.0, gt=0, alias="USER_LOG_PRUNE_EVERY")
+    log_prune_batch: int = Field(default=10_000, ge=1, alias="USER_LOG_PRUNE_BATCH")

@@ -165,3 +165,14 @@ def _not_archived(thread: ThreadRow) -> None:
             reason="THREAD_ARCHIVED",
             subject=f"thread/{thread.id}",
         )
+
+
+async def may_type(conn: DbConnection, caller: Caller, thread_id: UUID, user_id: UUID) -> None:
+    """Only a participant types, and not in an archived thread (NOT_FOUND to anyone
+    who is not in it, as for reading)."""
+    del caller  # checked by acts_as: the participation that counts is the typist's
+    access = await visible_thread(conn, Caller(user_id), thread_id)
+    if access.thread.is_archived:
+        raise FailedPrecondition(
+            "the thread is archived", reason="THREAD_ARCHIVED", subject=f"thread/{thread_id}"
+        )

@@ -13,6 +13,7 @@ from uuid import UUID
 from chat.v1 import threads_pb2, threads_pb2_grpc
 
 from services.common.access import Role
+from services.common.convert import to_timestamp
 from services.common.errors import InvalidArgument
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
@@ -26,6 +27,7 @@ from services.threads.convert import (
     participant_to_proto,
     thread_to_proto,
 )
+from services.threads.typing_limit import TypingLimiter, TypingSettings
 
 NAME_MAX = 255
 PARTICIPANTS_PER_CALL_MAX = 1000
@@ -54,6 +56,7 @@ def _role_of(value: threads_pb2.ParticipantRole.ValueType, field: str, default: 
 class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._pool = runtime.pool
+        self._typing = TypingLimiter(TypingSettings())
 
     async def CreateThread(
         self, request: threads_pb2.CreateThreadRequest, context: Context
@@ -180,8 +183,11 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         user_id = parse_uuid(request.user_id, "user_id")
         async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
-            await policy.may_remove_participant(conn, caller_of(context), thread_id, user_id)
-            await store.remove_participant(conn, thread_id, user_id)
+            caller = caller_of(context)
+            await policy.may_remove_participant(conn, caller, thread_id, user_id)
+            await store.remove_participant(
+                conn, thread_id, user_id, by_themselves=caller.is_user(user_id)
+            )
         return threads_pb2.RemoveParticipantResponse()
 
     async def UpdateParticipant(
@@ -235,3 +241,19 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         return threads_pb2.GetUnreadCountResponse(
             total_unread=total, unread_threads=threads, capped=capped
         )
+
+    async def SendTyping(
+        self, request: threads_pb2.SendTypingRequest, context: Context
+    ) -> threads_pb2.SendTypingResponse:
+        violations = Violations()
+        thread_id = violations.check_uuid(request.thread_id, "thread_id")
+        user_id = violations.check_uuid(request.user_id, "user_id")
+        violations.raise_if_any()
+        assert thread_id is not None and user_id is not None
+        caller = caller_of(context)
+        policy.acts_as(caller, user_id)
+        async with self._pool.acquire() as conn:
+            await policy.may_type(conn, caller, thread_id, user_id)
+            expire_time = self._typing.admit(thread_id, user_id)
+            await store.notify_typing(conn, thread_id, user_id, expire_time)
+        return threads_pb2.SendTypingResponse(expire_time=to_timestamp(expire_time))

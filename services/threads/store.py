@@ -9,7 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
-from services.common.access import THREAD_COLUMNS, ThreadRow, thread_row
+from services.common.access import THREAD_COLUMNS, ParticipantRow, ThreadRow, thread_row
 from services.common.errors import NotFound
 from services.common.rows import column_list, row_of
 from services.common.statement_names import named
@@ -19,15 +19,6 @@ from services.common.types import DbConnection
 # "UNREAD_CAP+" (capped). Counting stops there, so an inbox page costs at most
 # page_size * (UNREAD_CAP + 1) index entries however large the backlog.
 UNREAD_CAP = 100
-
-
-@dataclass(frozen=True)
-class ParticipantRow:
-    thread_id: UUID
-    user_id: UUID
-    role: str
-    last_read_at: datetime | None
-    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -109,6 +100,9 @@ UPDATE = named(
 )
 DELETE = named("threads.delete", "DELETE FROM threads WHERE id = $1")
 NOTIFY = named("threads.notify_membership", "SELECT chat_notify_membership($1, $2)")
+LEAVE_REASON = named("threads.leave_reason", "SELECT set_config('chat.leave_reason', $1, true)")
+# A participant is typing: a notification only (db/functions/notify.sql).
+NOTIFY_TYPING = named("threads.notify_typing", "SELECT chat_notify_typing($1, $2, $3)")
 REMOVE = named(
     "threads.remove_participant",
     "DELETE FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
@@ -305,7 +299,12 @@ async def delete_thread(conn: DbConnection, thread_id: UUID) -> None:
     await notify_membership(conn, thread_id, None)
 
 
-async def remove_participant(conn: DbConnection, thread_id: UUID, user_id: UUID) -> None:
+async def remove_participant(
+    conn: DbConnection, thread_id: UUID, user_id: UUID, *, by_themselves: bool
+) -> None:
+    """Remove in the caller's transaction; the user's stream says whether they left
+    or were removed (chat.leave_reason, read by db/functions/events.sql)."""
+    await conn.execute(LEAVE_REASON, "left" if by_themselves else "removed")
     await conn.execute(REMOVE, thread_id, user_id)
     await notify_membership(conn, thread_id, user_id)
 
@@ -369,3 +368,9 @@ async def unread_totals(conn: DbConnection, user_id: UUID) -> tuple[int, int, bo
     row = await conn.fetchrow(UNREAD_TOTALS, user_id, UNREAD_CAP)
     assert row is not None
     return int(row["total"]), int(row["threads"]), bool(row["capped"])
+
+
+async def notify_typing(
+    conn: DbConnection, thread_id: UUID, user_id: UUID, expire_time: datetime
+) -> None:
+    await conn.execute(NOTIFY_TYPING, thread_id, user_id, expire_time)

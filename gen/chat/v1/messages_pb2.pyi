@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from chat.v1 import threads_pb2 as _threads_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
@@ -41,6 +42,32 @@ MESSAGE_STATUS_SENT: MessageStatus.ValueType  # 1
 MESSAGE_STATUS_EDITED: MessageStatus.ValueType  # 2
 MESSAGE_STATUS_DELETED: MessageStatus.ValueType  # 3
 Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
+
+class _LeaveReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LeaveReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaveReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LEAVE_REASON_UNSPECIFIED: _LeaveReason.ValueType  # 0
+    LEAVE_REASON_REMOVED: _LeaveReason.ValueType  # 1
+    """Another participant (or a trusted caller) removed the user."""
+    LEAVE_REASON_LEFT: _LeaveReason.ValueType  # 2
+    """The user left (removed themselves)."""
+    LEAVE_REASON_THREAD_DELETED: _LeaveReason.ValueType  # 3
+    """The thread was deleted."""
+
+class LeaveReason(_LeaveReason, metaclass=_LeaveReasonEnumTypeWrapper):
+    """Why a user is no longer in a thread."""
+
+LEAVE_REASON_UNSPECIFIED: LeaveReason.ValueType  # 0
+LEAVE_REASON_REMOVED: LeaveReason.ValueType  # 1
+"""Another participant (or a trusted caller) removed the user."""
+LEAVE_REASON_LEFT: LeaveReason.ValueType  # 2
+"""The user left (removed themselves)."""
+LEAVE_REASON_THREAD_DELETED: LeaveReason.ValueType  # 3
+"""The thread was deleted."""
+Global___LeaveReason: _TypeAlias = LeaveReason  # noqa: Y015
 
 @_typing.final
 class Message(_message.Message):
@@ -742,3 +769,250 @@ class CaughtUp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaughtUp: _TypeAlias = CaughtUp  # noqa: Y015
+
+@_typing.final
+class StreamUserEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user whose threads to follow. With x-user-id only the caller's own;
+    a trusted caller (a gateway) may open any user's.
+    """
+    after: _builtins.str
+    """Opaque cursor from an earlier event or `caught_up` of this user's stream;
+    empty means live events only (the stream then starts with `caught_up`).
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamUserEventsRequest: _TypeAlias = StreamUserEventsRequest  # noqa: Y015
+
+@_typing.final
+class StreamUserEventsResponse(_message.Message):
+    """One event in any of the user's threads, in the order of the user's log.
+
+    Handshake as for thread streams: the replay of everything after `after`, then
+    exactly one `caught_up`, then live events. A stream resumed from any cursor
+    delivers exactly what an unbroken stream would have delivered after it.
+    Ends with UNAVAILABLE or RESOURCE_EXHAUSTED (resume from the last cursor),
+    FAILED_PRECONDITION CURSOR_EXPIRED (the cursor is older than the log's
+    retention: reload the inbox, then open without `after`), or PERMISSION_DENIED
+    (the user was deactivated or deleted).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    MESSAGE_CREATED_FIELD_NUMBER: _builtins.int
+    MESSAGE_UPDATED_FIELD_NUMBER: _builtins.int
+    MESSAGE_DELETED_FIELD_NUMBER: _builtins.int
+    THREAD_JOINED_FIELD_NUMBER: _builtins.int
+    THREAD_LEFT_FIELD_NUMBER: _builtins.int
+    THREAD_UPDATED_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_ADDED_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_REMOVED_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_UPDATED_FIELD_NUMBER: _builtins.int
+    READ_MARKED_FIELD_NUMBER: _builtins.int
+    TYPING_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume with this as `after` to continue right after this event. Empty only
+    for `typing`, which is never replayed.
+    """
+    @_builtins.property
+    def caught_up(self) -> Global___CaughtUp:
+        """The replay is complete and the stream is live from `cursor` on."""
+
+    @_builtins.property
+    def message_created(self) -> Global___Message:
+        """A message was sent in one of the user's threads."""
+
+    @_builtins.property
+    def message_updated(self) -> Global___Message:
+        """A message was edited, or an attachment was added to it."""
+
+    @_builtins.property
+    def message_deleted(self) -> Global___Message:
+        """A message was deleted (a tombstone), or left history with its author."""
+
+    @_builtins.property
+    def thread_joined(self) -> Global___ThreadJoined:
+        """The user joined a thread: created it, was added, or a direct thread
+        with them was created.
+        """
+
+    @_builtins.property
+    def thread_left(self) -> Global___ThreadLeft:
+        """The user is no longer in a thread; nothing of it follows."""
+
+    @_builtins.property
+    def thread_updated(self) -> _threads_pb2.Thread:
+        """A thread was renamed, archived or unarchived."""
+
+    @_builtins.property
+    def participant_added(self) -> _threads_pb2.Participant:
+        """Another member joined one of the user's threads."""
+
+    @_builtins.property
+    def participant_removed(self) -> _threads_pb2.Participant:
+        """Another member left one of the user's threads (only `thread_id`,
+        `user_id` and `role` are meaningful).
+        """
+
+    @_builtins.property
+    def participant_updated(self) -> _threads_pb2.Participant:
+        """Another member's role changed."""
+
+    @_builtins.property
+    def read_marked(self) -> Global___ReadMarked:
+        """The user's own read mark moved (on any device)."""
+
+    @_builtins.property
+    def typing(self) -> Global___Typing:
+        """Another member is typing. Never stored, never replayed; no cursor."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.str = ...,
+        caught_up: Global___CaughtUp | None = ...,
+        message_created: Global___Message | None = ...,
+        message_updated: Global___Message | None = ...,
+        message_deleted: Global___Message | None = ...,
+        thread_joined: Global___ThreadJoined | None = ...,
+        thread_left: Global___ThreadLeft | None = ...,
+        thread_updated: _threads_pb2.Thread | None = ...,
+        participant_added: _threads_pb2.Participant | None = ...,
+        participant_removed: _threads_pb2.Participant | None = ...,
+        participant_updated: _threads_pb2.Participant | None = ...,
+        read_marked: Global___ReadMarked | None = ...,
+        typing: Global___Typing | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_updated", b"message_updated", "participant_added", b"participant_added", "participant_removed", b"participant_removed", "participant_updated", b"participant_updated", "read_marked", b"read_marked", "thread_joined", b"thread_joined", "thread_left", b"thread_left", "thread_updated", b"thread_updated", "typing", b"typing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "cursor", b"cursor", "event", b"event", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_updated", b"message_updated", "participant_added", b"participant_added", "participant_removed", b"participant_removed", "participant_updated", b"participant_updated", "read_marked", b"read_marked", "thread_joined", b"thread_joined", "thread_left", b"thread_left", "thread_updated", b"thread_updated", "typing", b"typing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["caught_up", "message_created", "message_updated", "message_deleted", "thread_joined", "thread_left", "thread_updated", "participant_added", "participant_removed", "participant_updated", "read_marked", "typing"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___StreamUserEventsResponse: _TypeAlias = StreamUserEventsResponse  # noqa: Y015
+
+@_typing.final
+class ThreadJoined(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thread(self) -> _threads_pb2.Thread: ...
+    @_builtins.property
+    def participant(self) -> _threads_pb2.Participant:
+        """The user's membership: role and read mark."""
+
+    def __init__(
+        self,
+        *,
+        thread: _threads_pb2.Thread | None = ...,
+        participant: _threads_pb2.Participant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "thread", b"thread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant", "thread", b"thread"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThreadJoined: _TypeAlias = ThreadJoined  # noqa: Y015
+
+@_typing.final
+class ThreadLeft(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    reason: Global___LeaveReason.ValueType
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        reason: Global___LeaveReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThreadLeft: _TypeAlias = ThreadLeft  # noqa: Y015
+
+@_typing.final
+class ReadMarked(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    LAST_READ_AT_FIELD_NUMBER: _builtins.int
+    UNREAD_COUNT_FIELD_NUMBER: _builtins.int
+    UNREAD_COUNT_CAPPED_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    unread_count: _builtins.int
+    """The thread's unread count for the user after the mark, exact up to the
+    inbox's cap (100); `unread_count_capped` says it is more.
+    """
+    unread_count_capped: _builtins.bool
+    @_builtins.property
+    def last_read_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        last_read_at: _timestamp_pb2.Timestamp | None = ...,
+        unread_count: _builtins.int = ...,
+        unread_count_capped: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_read_at", b"last_read_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_read_at", b"last_read_at", "thread_id", b"thread_id", "unread_count", b"unread_count", "unread_count_capped", b"unread_count_capped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMarked: _TypeAlias = ReadMarked  # noqa: Y015
+
+@_typing.final
+class Typing(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    user_id: _builtins.str
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Show the indicator until then unless another `typing` extends it."""
+
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "thread_id", b"thread_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Typing: _TypeAlias = Typing  # noqa: Y015

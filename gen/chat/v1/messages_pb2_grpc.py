@@ -94,6 +94,11 @@ class MessagesServiceStub:
                 request_serializer=chat_dot_v1_dot_messages__pb2.StreamThreadMessagesRequest.SerializeToString,
                 response_deserializer=chat_dot_v1_dot_messages__pb2.StreamThreadMessagesResponse.FromString,
                 _registered_method=True)
+        self.StreamUserEvents = channel.unary_stream(
+                '/chat.v1.MessagesService/StreamUserEvents',
+                request_serializer=chat_dot_v1_dot_messages__pb2.StreamUserEventsRequest.SerializeToString,
+                response_deserializer=chat_dot_v1_dot_messages__pb2.StreamUserEventsResponse.FromString,
+                _registered_method=True)
 
 
 class MessagesServiceServicer:
@@ -181,6 +186,14 @@ class MessagesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamUserEvents(self, request, context):
+        """Everything that happens in all of one user's threads, in one order,
+        resumable from one cursor (services/messages/README.md, "User streams").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MessagesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +251,11 @@ def add_MessagesServiceServicer_to_server(servicer, server):
                     servicer.StreamThreadMessages,
                     request_deserializer=chat_dot_v1_dot_messages__pb2.StreamThreadMessagesRequest.FromString,
                     response_serializer=chat_dot_v1_dot_messages__pb2.StreamThreadMessagesResponse.SerializeToString,
+            ),
+            'StreamUserEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamUserEvents,
+                    request_deserializer=chat_dot_v1_dot_messages__pb2.StreamUserEventsRequest.FromString,
+                    response_serializer=chat_dot_v1_dot_messages__pb2.StreamUserEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +560,33 @@ class MessagesService:
             '/chat.v1.MessagesService/StreamThreadMessages',
             chat_dot_v1_dot_messages__pb2.StreamThreadMessagesRequest.SerializeToString,
             chat_dot_v1_dot_messages__pb2.StreamThreadMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamUserEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chat.v1.MessagesService/StreamUserEvents',
+            chat_dot_v1_dot_messages__pb2.StreamUserEventsRequest.SerializeToString,
+            chat_dot_v1_dot_messages__pb2.StreamUserEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,10 @@ class MessagesServiceStub:
     """Messages whose metadata contains the given JSON (JSONB containment)."""
     StreamThreadMessages: _grpc.UnaryStreamMultiCallable[_messages_pb2.StreamThreadMessagesRequest, _messages_pb2.StreamThreadMessagesResponse]
     """Replays a thread's events after a cursor, then streams new ones live."""
+    StreamUserEvents: _grpc.UnaryStreamMultiCallable[_messages_pb2.StreamUserEventsRequest, _messages_pb2.StreamUserEventsResponse]
+    """Everything that happens in all of one user's threads, in one order,
+    resumable from one cursor (services/messages/README.md, "User streams").
+    """
 
 @_typing.type_check_only
 class MessagesServiceAsyncStub(MessagesServiceStub):
@@ -93,6 +97,10 @@ class MessagesServiceAsyncStub(MessagesServiceStub):
     """Messages whose metadata contains the given JSON (JSONB containment)."""
     StreamThreadMessages: _aio.UnaryStreamMultiCallable[_messages_pb2.StreamThreadMessagesRequest, _messages_pb2.StreamThreadMessagesResponse]  # type: ignore[assignment]
     """Replays a thread's events after a cursor, then streams new ones live."""
+    StreamUserEvents: _aio.UnaryStreamMultiCallable[_messages_pb2.StreamUserEventsRequest, _messages_pb2.StreamUserEventsResponse]  # type: ignore[assignment]
+    """Everything that happens in all of one user's threads, in one order,
+    resumable from one cursor (services/messages/README.md, "User streams").
+    """
 
 class MessagesServiceServicer(metaclass=_abc_1.ABCMeta):
     """MessagesService owns messages and their attachments, history and the live stream.
@@ -189,5 +197,15 @@ class MessagesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_messages_pb2.StreamThreadMessagesResponse], _abc.AsyncIterator[_messages_pb2.StreamThreadMessagesResponse]]:
         """Replays a thread's events after a cursor, then streams new ones live."""
+
+    @_abc_1.abstractmethod
+    def StreamUserEvents(
+        self,
+        request: _messages_pb2.StreamUserEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_messages_pb2.StreamUserEventsResponse], _abc.AsyncIterator[_messages_pb2.StreamUserEventsResponse]]:
+        """Everything that happens in all of one user's threads, in one order,
+        resumable from one cursor (services/messages/README.md, "User streams").
+        """
 
 def add_MessagesServiceServicer_to_server(servicer: MessagesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

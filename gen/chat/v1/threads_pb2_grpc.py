@@ -99,6 +99,11 @@ class ThreadsServiceStub:
                 request_serializer=chat_dot_v1_dot_threads__pb2.GetUnreadCountRequest.SerializeToString,
                 response_deserializer=chat_dot_v1_dot_threads__pb2.GetUnreadCountResponse.FromString,
                 _registered_method=True)
+        self.SendTyping = channel.unary_unary(
+                '/chat.v1.ThreadsService/SendTyping',
+                request_serializer=chat_dot_v1_dot_threads__pb2.SendTypingRequest.SerializeToString,
+                response_deserializer=chat_dot_v1_dot_threads__pb2.SendTypingResponse.FromString,
+                _registered_method=True)
 
 
 class ThreadsServiceServicer:
@@ -193,6 +198,15 @@ class ThreadsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendTyping(self, request, context):
+        """Tell the thread's other participants that the user is typing (their user
+        streams); never stored. At most one call per user and thread per
+        TYPING_MIN_INTERVAL_S, more are RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ThreadsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +269,11 @@ def add_ThreadsServiceServicer_to_server(servicer, server):
                     servicer.GetUnreadCount,
                     request_deserializer=chat_dot_v1_dot_threads__pb2.GetUnreadCountRequest.FromString,
                     response_serializer=chat_dot_v1_dot_threads__pb2.GetUnreadCountResponse.SerializeToString,
+            ),
+            'SendTyping': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTyping,
+                    request_deserializer=chat_dot_v1_dot_threads__pb2.SendTypingRequest.FromString,
+                    response_serializer=chat_dot_v1_dot_threads__pb2.SendTypingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +605,33 @@ class ThreadsService:
             '/chat.v1.ThreadsService/GetUnreadCount',
             chat_dot_v1_dot_threads__pb2.GetUnreadCountRequest.SerializeToString,
             chat_dot_v1_dot_threads__pb2.GetUnreadCountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTyping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.v1.ThreadsService/SendTyping',
+            chat_dot_v1_dot_threads__pb2.SendTypingRequest.SerializeToString,
+            chat_dot_v1_dot_threads__pb2.SendTypingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,11 @@ class ThreadsServiceStub:
     """Moves a participant's read position forward (never back)."""
     GetUnreadCount: _grpc.UnaryUnaryMultiCallable[_threads_pb2.GetUnreadCountRequest, _threads_pb2.GetUnreadCountResponse]
     """Unread totals over a user's non-archived threads."""
+    SendTyping: _grpc.UnaryUnaryMultiCallable[_threads_pb2.SendTypingRequest, _threads_pb2.SendTypingResponse]
+    """Tell the thread's other participants that the user is typing (their user
+    streams); never stored. At most one call per user and thread per
+    TYPING_MIN_INTERVAL_S, more are RESOURCE_EXHAUSTED.
+    """
 
 @_typing.type_check_only
 class ThreadsServiceAsyncStub(ThreadsServiceStub):
@@ -97,6 +102,11 @@ class ThreadsServiceAsyncStub(ThreadsServiceStub):
     """Moves a participant's read position forward (never back)."""
     GetUnreadCount: _aio.UnaryUnaryMultiCallable[_threads_pb2.GetUnreadCountRequest, _threads_pb2.GetUnreadCountResponse]  # type: ignore[assignment]
     """Unread totals over a user's non-archived threads."""
+    SendTyping: _aio.UnaryUnaryMultiCallable[_threads_pb2.SendTypingRequest, _threads_pb2.SendTypingResponse]  # type: ignore[assignment]
+    """Tell the thread's other participants that the user is typing (their user
+    streams); never stored. At most one call per user and thread per
+    TYPING_MIN_INTERVAL_S, more are RESOURCE_EXHAUSTED.
+    """
 
 class ThreadsServiceServicer(metaclass=_abc_1.ABCMeta):
     """ThreadsService owns threads and their participants, the inbox and read state.
@@ -201,5 +211,16 @@ class ThreadsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_threads_pb2.GetUnreadCountResponse, _abc.Awaitable[_threads_pb2.GetUnreadCountResponse]]:
         """Unread totals over a user's non-archived threads."""
+
+    @_abc_1.abstractmethod
+    def SendTyping(
+        self,
+        request: _threads_pb2.SendTypingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_threads_pb2.SendTypingResponse, _abc.Awaitable[_threads_pb2.SendTypingResponse]]:
+        """Tell the thread's other participants that the user is typing (their user
+        streams); never stored. At most one call per user and thread per
+        TYPING_MIN_INTERVAL_S, more are RESOURCE_EXHAUSTED.
+        """
 
 def add_ThreadsServiceServicer_to_server(servicer: ThreadsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,6 +33,7 @@ from services.messages.policy import stream_refusal
 from services.messages.settings import MessagesSettings
 from services.messages.streams.fanout import Fanout
 from services.messages.streams.listener import Listener
+from services.messages.streams.users import UserStreams
 
 Response = messages_pb2.StreamThreadMessagesResponse
 
@@ -44,22 +45,40 @@ class StreamHub:
         self._pool = pool
         self._settings = settings
         self._fanout = Fanout(pool, settings)
+        self.users = UserStreams(pool, settings)
         self._listener = Listener(
             database,
             settings,
-            on_thread=self._fanout.thread_changed,
-            on_membership=self._fanout.membership_changed,
-            on_reconnect=self._fanout.notifications_lost,
+            on_thread=self._thread_changed,
+            on_membership=self._membership_changed,
+            on_reconnect=self._notifications_lost,
+            on_log=self.users.log_advanced,
+            on_typing=self.users.typing,
         )
+
+    def _thread_changed(self, thread_id: UUID) -> None:
+        self._fanout.thread_changed(thread_id)
+        self.users.writes_committed()
+
+    def _membership_changed(self, thread_id: UUID | None, user_id: UUID | None) -> None:
+        self._fanout.membership_changed(thread_id, user_id)
+        if thread_id is None:
+            self.users.user_changed(user_id)
+
+    def _notifications_lost(self) -> None:
+        self._fanout.notifications_lost()
+        self.users.notifications_lost()
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        await self.users.start()
         await self._listener.start()
 
     def end_streams(self, error: DomainError) -> None:
         """End every open stream with `error` and refuse new ones (shutdown begins)."""
         self._fanout.close(error)
+        self.users.end_streams(error)
 
     async def stop(self) -> None:
         """Stop listening and fetching. Streams end here only if end_streams did not
@@ -68,6 +87,7 @@ class StreamHub:
             self.end_streams(ShuttingDown("the server is shutting down; resume from your cursor"))
         await self._listener.stop()
         await self._fanout.stop()
+        await self.users.stop()
 
     @property
     def subscriber_count(self) -> int:

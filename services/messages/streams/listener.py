@@ -46,7 +46,9 @@ _LISTENER_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, OSError, *Q
 class Listener:
     """LISTENs on the stream channels and calls back: `on_thread(thread_id)` when a
     thread has news, `on_membership(thread_id, user_id)` when who may read changed
-    (None: any), `on_reconnect()` when notifications may have been lost."""
+    (None: any), `on_log(position)` when the user streams' log moved on,
+    `on_typing(typing)` when a participant types, `on_reconnect()` when
+    notifications may have been lost."""
 
     def __init__(
         self,
@@ -56,12 +58,16 @@ class Listener:
         on_thread: Callable[[UUID], None],
         on_membership: Callable[[UUID | None, UUID | None], None],
         on_reconnect: Callable[[], None],
+        on_log: Callable[[int], None],
+        on_typing: Callable[[channels.Typing], None],
     ) -> None:
         self._database = database
         self._settings = settings
         self._on_thread = on_thread
         self._on_membership_change = on_membership
         self._on_reconnect = on_reconnect
+        self._on_log_position = on_log
+        self._on_typing_event = on_typing
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -85,6 +91,8 @@ class Listener:
         try:
             await conn.add_listener(channels.THREAD_EVENTS, self._on_event)
             await conn.add_listener(channels.MEMBERSHIP, self._on_membership)
+            await conn.add_listener(channels.LOG, self._on_log)
+            await conn.add_listener(channels.TYPING, self._on_typing)
         except BaseException:
             conn.terminate()
             raise
@@ -111,6 +119,22 @@ class Listener:
             log.warning("ignoring malformed membership notification %r", payload)
             return
         self._on_membership_change(change.thread_id, change.user_id)
+
+    def _on_log(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            position = channels.parse_log_position(payload)
+        except ValueError:
+            log.warning("ignoring malformed log notification %r", payload)
+            return
+        self._on_log_position(position)
+
+    def _on_typing(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            typing = channels.parse_typing(payload)
+        except ValueError:
+            log.warning("ignoring malformed typing notification %r", payload)
+            return
+        self._on_typing_event(typing)
 
     async def _heartbeat(self) -> None:
         """Probe the listening connection; one that does not answer is dead."""

@@ -1,0 +1,391 @@
+"""StreamUserEvents: one live stream per user for all their threads.
+
+The log (thread_events, migration 0013) holds every change members can see;
+its positions are global and dense. Each process runs one follower that reads
+the log once for all its user streams, in position order, and one sequencer
+tick (chat_sequence_events) that numbers committed events.
+
+A stream is gap-free and duplicate-free by this order:
+1. Register (pending); the follower starts it between two batches, at its own
+   position P, with the user's threads at P read from the database
+   (log_store.memberships) and the user checked active. From then on every
+   event after P passes through `UserView` rules (user_view.variant_for).
+2. Replay (after, P] from the database with the same rule, starting from the
+   user's threads at `after`; a cursor older than the retention is expired.
+3. `caught_up` at max(after, P); then live events after it (the one dedup rule:
+   positions already sent are skipped). `typing` has no position and is never
+   replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import asyncpg
+from prometheus_client import Gauge
+
+from services.common import interrupts
+from services.common.channels import Typing
+from services.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from services.common.identity import user_inactive
+from services.common.pool import QUERY_FAILURES
+from services.common.types import DbConnection
+from services.messages import log_store
+from services.messages.log_store import LogEvent
+from services.messages.settings import MessagesSettings
+from services.messages.streams.backoff import jittered
+from services.messages.user_view import Converted, Response, caught_up, typing, variant_for
+
+log = logging.getLogger(__name__)
+
+OPEN_USER_STREAMS = Gauge("chat_user_streams_open", "Open StreamUserEvents streams")
+LOG_POSITION = Gauge("chat_user_log_position", "The last log position this process delivered")
+
+
+def cursor_expired() -> FailedPrecondition:
+    return FailedPrecondition(
+        "the cursor is older than the event log's retention: reload the inbox "
+        "(ListThreads), then open the stream without `after`",
+        reason="CURSOR_EXPIRED",
+        subject="after",
+    )
+
+
+class UserSubscription:
+    """One open user stream's buffer, bounded in events and bytes."""
+
+    def __init__(self, user_id: UUID, max_events: int, max_bytes: int) -> None:
+        self.user_id = user_id
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._events: collections.deque[tuple[int, Response, int]] = collections.deque()
+        self._bytes = 0
+        self._wake = asyncio.Event()
+        self._error: DomainError | None = None
+        self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._rpc = asyncio.current_task()
+
+    async def started(self) -> int:
+        return await self._started
+
+    def start(self, position: int) -> None:
+        if not self._started.done():
+            self._started.set_result(position)
+
+    def offer(self, position: int, response: Response, size: int) -> None:
+        """Queue one event (position 0: typing); a consumer too far behind is cut off."""
+        if self._error is not None:
+            return
+        over_bytes = bool(self._events) and self._bytes + size > self._max_bytes
+        if len(self._events) >= self._max_events or over_bytes:
+            self.end(
+                ResourceExhausted(
+                    "the stream fell too far behind; reconnect with your last cursor",
+                    reason="STREAM_BUFFER_FULL",
+                    retry_after_s=0.0,
+                )
+            )
+            return
+        self._events.append((position, response, size))
+        self._bytes += size
+        self._wake.set()
+
+    def end(self, error: DomainError) -> None:
+        if self._error is not None:
+            return
+        self._error = error
+        self._events.clear()
+        self._wake.set()
+        if not self._started.done():
+            self._started.set_exception(error)
+            self._started.exception()
+        if self._rpc is not None and self._rpc is not asyncio.current_task():
+            interrupts.interrupt(self._rpc, error)
+
+    async def next(self) -> tuple[int, Response]:
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._events:
+                position, response, size = self._events.popleft()
+                self._bytes -= size
+                return position, response
+            self._wake.clear()
+            await self._wake.wait()
+
+
+class UserStreams:
+    """The process's user streams, their follower and the sequencer tick."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: MessagesSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._position = 0  # the last log position the follower delivered
+        self._pending: list[UserSubscription] = []
+        self._subs: dict[UUID, set[UserSubscription]] = {}  # started, by user
+        self._threads_of: dict[UUID, set[UUID]] = {}  # each local user's threads at _position
+        self._local: dict[UUID, set[UUID]] = {}  # thread -> local users in it
+        self._wake = asyncio.Event()
+        self._sequence_now = asyncio.Event()
+        self._recheck: set[UUID] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed: DomainError | None = None
+
+    # -- lifecycle and notifications -----------------------------------------
+
+    async def start(self) -> None:
+        async with self._pool.acquire() as conn:
+            self._position = (await log_store.state(conn)).last_position
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="user-log-follower"),
+            asyncio.create_task(self._tick(), name="user-log-sequencer"),
+        ]
+
+    def end_streams(self, error: DomainError) -> None:
+        self._closed = error
+        for sub in [*self._pending, *(s for subs in self._subs.values() for s in subs)]:
+            sub.end(error)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def log_advanced(self, _position: int) -> None:
+        self._wake.set()
+
+    def writes_committed(self) -> None:
+        """Something was written (a thread's notification): number it now."""
+        self._sequence_now.set()
+
+    def notifications_lost(self) -> None:
+        self._sequence_now.set()
+        self._wake.set()
+
+    def user_changed(self, user_id: UUID | None) -> None:
+        """A user may have been deactivated or deleted: re-check their streams."""
+        if user_id is not None and user_id in self._subs:
+            self._recheck.add(user_id)
+            self._wake.set()
+
+    def typing(self, event: Typing) -> None:
+        response = typing(event.thread_id, event.user_id, event.expire_time)
+        size = response.ByteSize()
+        for user in self._local.get(event.thread_id, ()):
+            if user != event.user_id:
+                for sub in self._subs.get(user, ()):
+                    sub.offer(0, response, size)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._pending) + sum(len(s) for s in self._subs.values())
+
+    # -- the stream ------------------------------------------------------------
+
+    async def stream(self, user_id: UUID, after: int | None) -> AsyncIterator[Response]:
+        if self._closed is not None:
+            raise self._closed
+        sub = UserSubscription(
+            user_id, self._settings.stream_buffer, self._settings.stream_buffer_bytes
+        )
+        self._pending.append(sub)
+        self._wake.set()
+        OPEN_USER_STREAMS.inc()
+        try:
+            start = await sub.started()
+            delivered = start
+            if after is not None:
+                if after > start:
+                    async with self._pool.acquire() as conn:
+                        if after > (await log_store.state(conn)).last_position:
+                            raise InvalidArgument.field("after", "is ahead of the event log")
+                else:
+                    async for response in self._replay(user_id, after, start):
+                        yield response
+                delivered = max(after, start)
+            yield caught_up(delivered)
+            while True:
+                position, response = await sub.next()
+                if position and position <= delivered:
+                    continue  # already replayed
+                yield response
+                if position:
+                    delivered = position
+        finally:
+            OPEN_USER_STREAMS.dec()
+            self._unsubscribe(sub)
+
+    async def _replay(self, user_id: UUID, after: int, upto: int) -> AsyncIterator[Response]:
+        async with self._pool.acquire() as conn:
+            memberships = await log_store.memberships(conn, [user_id], after)
+        if after < memberships.retained_after:
+            raise cursor_expired()
+        threads = memberships.at[user_id]
+        relevant = sorted(threads | memberships.joined_later[user_id])
+        position = after
+        batch_size = self._settings.stream_fetch_batch
+        while position < upto and relevant:
+            async with self._pool.acquire() as conn:
+                batch = await log_store.threads_after(conn, relevant, position, upto, batch_size)
+                # Read after the batch: if nothing was pruned past `position` by
+                # now, the batch missed nothing (retention only moves forward).
+                if (await log_store.state(conn)).retained_after > position:
+                    raise cursor_expired()
+            for event in batch:
+                variant = variant_for(event, user_id, threads)
+                if variant is not None:
+                    yield Converted(event).response(variant)[0]
+            if len(batch) < batch_size:
+                return
+            position = batch[-1].position
+
+    def _unsubscribe(self, sub: UserSubscription) -> None:
+        if sub in self._pending:
+            self._pending.remove(sub)
+            return
+        subs = self._subs.get(sub.user_id)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subs[sub.user_id]
+            for thread in self._threads_of.pop(sub.user_id, ()):
+                self._unindex(thread, sub.user_id)
+
+    def _unindex(self, thread: UUID, user: UUID) -> None:
+        users = self._local.get(thread)
+        if users is not None:
+            users.discard(user)
+            if not users:
+                del self._local[thread]
+
+    # -- the follower ----------------------------------------------------------
+
+    async def _follow(self) -> None:
+        delay = self._settings.listener_retry_s
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                async with self._pool.acquire() as conn:
+                    await self._start_pending(conn)
+                    await self._recheck_users(conn)
+                    await self._catch_up(conn)
+                delay = self._settings.listener_retry_s
+            except QUERY_FAILURES as exc:
+                log.warning("reading the event log failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(jittered(delay))
+                delay = min(delay * 2, self._settings.listener_retry_max_s)
+                self._wake.set()
+            except Exception:
+                log.exception("the user stream follower failed unexpectedly; retrying")
+                await asyncio.sleep(jittered(delay))
+                self._wake.set()
+
+    async def _start_pending(self, conn: DbConnection) -> None:
+        if not self._pending:
+            return
+        if not self._subs and not self._local:
+            # Nobody was listening: skip what nobody needs to read.
+            self._position = max(self._position, (await log_store.state(conn)).last_position)
+        pending, self._pending = self._pending, []
+        users = sorted({sub.user_id for sub in pending} - set(self._subs))
+        active = await log_store.active_users(conn, users)
+        memberships = await log_store.memberships(conn, sorted(active), self._position)
+        for user in active:
+            self._threads_of[user] = memberships.at[user]
+            for thread in memberships.at[user]:
+                self._local.setdefault(thread, set()).add(user)
+        for sub in pending:
+            if sub.user_id in self._subs or sub.user_id in active:
+                self._subs.setdefault(sub.user_id, set()).add(sub)
+                sub.start(self._position)
+            else:
+                sub.end(user_inactive(sub.user_id))
+
+    async def _recheck_users(self, conn: DbConnection) -> None:
+        if not self._recheck:
+            return
+        users, self._recheck = sorted(self._recheck), set()
+        active = await log_store.active_users(conn, users)
+        for user in users:
+            if user not in active:
+                for sub in list(self._subs.get(user, ())):
+                    sub.end(user_inactive(user))
+
+    async def _catch_up(self, conn: DbConnection) -> None:
+        while True:
+            if not self._subs:
+                self._position = max(self._position, (await log_store.state(conn)).last_position)
+                return
+            batch = await log_store.after(
+                conn,
+                self._position,
+                self._settings.stream_fetch_batch,
+                self._settings.stream_fetch_bytes,
+            )
+            for event in batch:
+                self._deliver(event)
+                self._position = event.position
+            LOG_POSITION.set(self._position)
+            if not batch:
+                return
+
+    def _deliver(self, event: LogEvent) -> None:
+        users = set(self._local.get(event.thread_id, ()))
+        if event.kind == "participant_joined" and event.user_id in self._threads_of:
+            users.add(event.user_id)
+        if not users:
+            return
+        converted = Converted(event)
+        for user in users:
+            threads = self._threads_of[user]
+            was_member = event.thread_id in threads
+            variant = variant_for(event, user, threads)
+            is_member = event.thread_id in threads
+            if is_member and not was_member:
+                self._local.setdefault(event.thread_id, set()).add(user)
+            elif was_member and not is_member:
+                self._unindex(event.thread_id, user)
+            if variant is None:
+                continue
+            response, size = converted.response(variant)
+            for sub in list(self._subs.get(user, ())):
+                sub.offer(event.position, response, size)
+
+    # -- the sequencer tick ------------------------------------------------------
+
+    async def _tick(self) -> None:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + settings.log_prune_every_s
+        while True:
+            try:
+                async with asyncio.timeout(settings.log_tick_s):
+                    await self._sequence_now.wait()
+            except TimeoutError:
+                pass
+            self._sequence_now.clear()
+            try:
+                async with self._pool.acquire() as conn:
+                    await log_store.sequence(conn, settings.log_sequence_batch)
+                    if loop.time() >= next_prune:
+                        next_prune = loop.time() + settings.log_prune_every_s
+                        await log_store.prune(
+                            conn, settings.log_retention_s, settings.log_prune_batch
+                        )
+            except QUERY_FAILURES as exc:
+                log.warning("numbering the event log failed (%s)", type(exc).__name__)
+                await asyncio.sleep(jittered(settings.listener_retry_s))
+            except Exception:
+                log.exception("the event log sequencer failed unexpectedly")
+                await asyncio.sleep(jittered(settings.listener_retry_s))

@@ -55,6 +55,17 @@ INSERT INTO event_log DEFAULT VALUES;
 
 -- migrate:down
 
+DO $$
+DECLARE v_rows bigint;
+BEGIN
+    SELECT count(*) INTO v_rows FROM thread_events;
+    IF v_rows > 0 AND current_setting('chat.allow_data_loss', true) IS DISTINCT FROM 'on' THEN
+        RAISE EXCEPTION 'rolling back 0013 would drop % user stream event(s) (thread_events: '
+            'every user stream cursor would then expire); '
+            'rerun with --allow-data-loss to drop them', v_rows;
+    END IF;
+END $$;
+
 -- The triggers db/functions/events.sql made write to thread_events.
 DROP TRIGGER IF EXISTS trg_messages_log ON messages;
 DROP TRIGGER IF EXISTS trg_message_removals_log ON message_removals;

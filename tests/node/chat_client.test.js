@@ -645,4 +645,49 @@ describe('chat services from a Node.js client', { timeout: CASE_TIMEOUT_MS * 10 
     const user = await call(users, 'GetUser', { id: ada.id });
     assert.equal(user.user.id, ada.id);
   });
+  test('a user stream: own stream only, thread_joined and message_created live, resumed from a cursor after a cancel', { timeout: CASE_TIMEOUT_MS }, async () => {
+    const [ada, bob] = await Promise.all([newUser('ada'), newUser('bob')]);
+    // Someone else's stream is PERMISSION_DENIED.
+    const denied = await new Promise((resolve) => {
+      const other = messages.StreamUserEvents({ user_id: bob.id }, metadataFor(ada.id));
+      other.on('data', () => {});
+      other.on('error', resolve);
+    });
+    assertCode(denied, Code.PERMISSION_DENIED);
+
+    const seen = [];
+    let wake = null;
+    const stream = messages.StreamUserEvents({ user_id: ada.id }, metadataFor(ada.id));
+    stream.on('data', (event) => { seen.push(event); if (wake) wake(); });
+    stream.on('error', () => { if (wake) wake(); });
+    const waitFor = async (predicate) => {
+      while (!seen.some(predicate)) await new Promise((resolve) => { wake = resolve; });
+      return seen.find(predicate);
+    };
+    await waitFor((e) => e.event === 'caught_up');
+    const thread = await directThread(bob, ada);
+    const joined = await waitFor((e) => e.event === 'thread_joined');
+    assert.equal(joined.thread_joined.thread.id, thread.id);
+    await send(thread, bob, 'hello ada');
+    const created = await waitFor((e) => e.event === 'message_created');
+    assert.equal(created.message_created.content, 'hello ada');
+    stream.cancel();
+
+    await send(thread, bob, 'while away');
+    const resumed = [];
+    await new Promise((resolve, reject) => {
+      const again = messages.StreamUserEvents({ user_id: ada.id, after: joined.cursor }, metadataFor(ada.id));
+      again.on('data', (event) => {
+        resumed.push(event); // replayed or live: the same order either way
+        const done = event.event === 'message_created' && event.message_created.content === 'while away';
+        if (done) { again.cancel(); resolve(); }
+      });
+      again.on('error', (err) => (err.code === Code.CANCELLED ? resolve() : reject(err)));
+    });
+    const contents = resumed.filter((e) => e.event === 'message_created').map((e) => e.message_created.content);
+    assert.deepEqual(contents, ['hello ada', 'while away']);
+    // The service still answers after the cancels.
+    const user = await call(users, 'GetUser', { id: ada.id });
+    assert.equal(user.user.id, ada.id);
+  });
 });

@@ -97,10 +97,11 @@ def test_parsers_refuse_what_the_functions_never_send() -> None:
 def test_channel_names_are_written_in_notify_sql_and_channels_py_only() -> None:
     sql = NOTIFY_SQL.read_text()
     sent = set(re.findall(r"pg_notify\('([a-z_]+)'", sql))
-    assert sent == {channels.THREAD_EVENTS, channels.MEMBERSHIP}
+    every = {channels.THREAD_EVENTS, channels.MEMBERSHIP, channels.LOG, channels.TYPING}
+    assert sent == every
     # Every other file of the product: no pg_notify, no NOTIFY statement, no channel
     # name as a string literal (migrations are history: applied text stays as it is).
-    names = f"{channels.THREAD_EVENTS}|{channels.MEMBERSHIP}"
+    names = "|".join(sorted(every))
     literal = re.compile(rf"""['"]({names})['"]""")
     statement = re.compile(r"\bpg_notify\s*\(|\bNOTIFY\s+[a-z_]+\s*[,;'\"]", re.IGNORECASE)
     offenders = []
@@ -116,3 +117,18 @@ def test_channel_names_are_written_in_notify_sql_and_channels_py_only() -> None:
         if literal.search(text) or statement.search(text):
             offenders.append(str(path.relative_to(REPO)))
     assert offenders == []
+
+
+async def test_log_positions_and_typing_reach_their_channels_and_parse(database_url: str) -> None:
+    payloads, _ = await received(database_url, channels.LOG, "SELECT chat_notify_log(42)")
+    assert [channels.parse_log_position(p) for p in payloads] == [42]
+    thread, user = uuid.uuid4(), uuid.uuid4()
+    payloads, _ = await received(
+        database_url,
+        channels.TYPING,
+        "SELECT chat_notify_typing($1, $2, '2030-01-01T00:00:00Z')",
+        thread,
+        user,
+    )
+    typing = [channels.parse_typing(p) for p in payloads]
+    assert [(t.thread_id, t.user_id, t.expire_time.year) for t in typing] == [(thread, user, 2030)]

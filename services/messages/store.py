@@ -363,12 +363,13 @@ async def send(
         return SendResult(outcome, None)
     columns = dict(record)
     del columns["outcome"]
-    stored = [_attachment_from_json(a) for a in columns.pop("attachments")]
+    stored = [attachment_from_json(a) for a in columns.pop("attachments")]
     return SendResult(outcome, MessageRow(**columns, attachments=stored))
 
 
-def _attachment_from_json(value: dict[str, Any]) -> AttachmentRow:
-    """An attachment as chat_send_message returns it (to_jsonb of the row)."""
+def attachment_from_json(value: dict[str, Any]) -> AttachmentRow:
+    """An attachment as JSON (to_jsonb of the row): chat_send_message returns
+    them so, and the user streams' log stores them so."""
     return AttachmentRow(
         id=UUID(value["id"]),
         message_id=UUID(value["message_id"]),

@@ -25,7 +25,7 @@ from services.common.errors import InvalidArgument
 from services.common.thread_protos import participant_to_proto, thread_to_proto
 from services.messages.convert import message_to_proto
 from services.messages.log_store import LogEvent
-from services.messages.store import AttachmentRow, MessageRow
+from services.messages.store import MessageRow, attachment_from_json
 
 Response = messages_pb2.StreamUserEventsResponse
 
@@ -75,19 +75,7 @@ def _uuid(value: str | None) -> UUID | None:
 
 
 def _message(value: dict[str, Any], redacted: bool) -> MessageRow:
-    attachments = [
-        AttachmentRow(
-            id=UUID(a["id"]),
-            message_id=UUID(a["message_id"]),
-            url=a["url"],
-            type=a["type"],
-            name=a["name"],
-            size=int(a["size"]),
-            metadata=a.get("metadata"),
-            created_at=datetime.fromisoformat(a["created_at"]),
-        )
-        for a in value.get("attachments") or ()
-    ]
+    attachments = [attachment_from_json(a) for a in value.get("attachments") or ()]
     return MessageRow(
         id=UUID(value["id"]),
         thread_id=UUID(value["thread_id"]),

@@ -19,14 +19,14 @@ from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
 from services.common.pagination import ID, TIME_ID, PageCodec, PageKind, page_size_of
 from services.common.server import Runtime
-from services.common.types import Context
-from services.common.validation import Violations, parse_timestamp, parse_uuid
-from services.threads import policy, store
-from services.threads.convert import (
+from services.common.thread_protos import (
     ROLE_FROM_PROTO,
     participant_to_proto,
     thread_to_proto,
 )
+from services.common.types import Context
+from services.common.validation import Violations, parse_timestamp, parse_uuid
+from services.threads import policy, store
 from services.threads.typing_limit import TypingLimiter, TypingSettings
 
 NAME_MAX = 255

@@ -23,19 +23,16 @@ retries that thread alone, with backoff.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Iterable
 from uuid import UUID
 
 import asyncpg
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 
-from services.common import interrupts
 from services.common.errors import (
     DatabaseUnavailable,
     DomainError,
-    ResourceExhausted,
     ShuttingDown,
     Unavailable,
 )
@@ -45,102 +42,30 @@ from services.messages.convert import StreamEvent, stream_event
 from services.messages.policy import stream_refusal
 from services.messages.settings import MessagesSettings
 from services.messages.streams.backoff import jittered
+from services.messages.streams.buffer import StreamBuffer, refuse_past_limit
 
 log = logging.getLogger(__name__)
 
 OPEN_STREAMS = Gauge("chat_streams_open", "Open StreamThreadMessages streams")
-DELIVERED = Counter("chat_stream_events_delivered_total", "Events queued to streams")
-DROPPED = Counter(
-    "chat_stream_events_dropped_total", "Events not delivered because a stream was cut off"
-)
-REFUSED = Counter(
-    "chat_streams_refused_total", "Streams refused because the process was at STREAM_MAX_OPEN"
-)
-
-# How long a stream refused at the open-stream limit is told to wait.
-RETRY_AFTER_LIMIT_S = 1.0
 
 
-class Subscription:
-    """One open stream's buffer, bounded in events and in bytes, and how it ended."""
+class Subscription(StreamBuffer[StreamEvent]):
+    """One open thread stream: its buffer, and where in the thread's feed it started."""
 
     def __init__(
         self, thread_id: UUID, user_id: UUID | None, max_events: int, max_bytes: int
     ) -> None:
+        super().__init__(max_events, max_bytes)
         self.thread_id = thread_id
         self.user_id = user_id
-        self._max_events = max_events
-        self._max_bytes = max_bytes
-        self._events: collections.deque[StreamEvent] = collections.deque()
-        self._bytes = 0
-        self._wake = asyncio.Event()
-        self._error: DomainError | None = None
         # The feed's position when this subscription started (its access checked):
         # every event after it is offered here. Set once.
         self.start_seq: int | None = None
-        self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        # The RPC this subscription serves: ended from here when the subscription
-        # ends, even while it is stuck writing to a client that does not read.
-        self._rpc = asyncio.current_task()
-
-    @property
-    def ended(self) -> bool:
-        return self._error is not None
-
-    async def started(self) -> int:
-        """The start position, once a fetch has checked the caller's access; raises
-        the reason when it may not stream."""
-        return await self._started
 
     def _start(self, position: int) -> None:
         if self.start_seq is None:
             self.start_seq = position
-            if not self._started.done():
-                self._started.set_result(position)
-
-    def offer(self, event: StreamEvent) -> None:
-        if self._error is not None:
-            return
-        over_bytes = bool(self._events) and self._bytes + event.size > self._max_bytes
-        if len(self._events) >= self._max_events or over_bytes:  # one event always fits
-            DROPPED.inc(len(self._events) + 1)
-            self.end(
-                ResourceExhausted(
-                    "the stream fell too far behind; reconnect with your last cursor",
-                    reason="STREAM_BUFFER_FULL",
-                    retry_after_s=0.0,
-                )
-            )
-            return
-        self._events.append(event)
-        self._bytes += event.size
-        DELIVERED.inc()
-        self._wake.set()
-
-    def end(self, error: DomainError) -> None:
-        """Stop the stream with `error`; buffered events are dropped (the cursor has them)."""
-        if self._error is not None:
-            return
-        self._error = error
-        self._events.clear()
-        self._bytes = 0
-        self._wake.set()
-        if not self._started.done():
-            self._started.set_exception(error)
-            self._started.exception()  # retrieved: nobody may be waiting yet
-        if self._rpc is not None and self._rpc is not asyncio.current_task():
-            interrupts.interrupt(self._rpc, error)
-
-    async def next(self) -> StreamEvent:
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._events:
-                event = self._events.popleft()
-                self._bytes -= event.size
-                return event
-            self._wake.clear()
-            await self._wake.wait()
+            self.start(position)
 
 
 class _Feed:
@@ -213,14 +138,7 @@ class Fanout:
         steps). Await `sub.started()` for its start position."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; resume from your cursor")
-        if self._open >= self._settings.stream_max_open:
-            REFUSED.inc()
-            raise ResourceExhausted(
-                f"this server streams at most {self._settings.stream_max_open} at once; "
-                "retry shortly (or on another replica)",
-                reason="STREAM_LIMIT",
-                retry_after_s=RETRY_AFTER_LIMIT_S,
-            )
+        refuse_past_limit(self._open, self._settings.stream_max_open)
         sub = Subscription(
             thread_id,
             user_id,
@@ -385,6 +303,6 @@ class Fanout:
                 continue
             sub._start(feed.position)
             for event in converted:
-                sub.offer(event)
+                sub.offer(event, event.size)
         if batch.events:
             feed.position = batch.events[-1].position

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -43,6 +43,25 @@ APPLICATION_NAME = "chat-messages-listener"
 _LISTENER_FAILURES: tuple[type[BaseException], ...] = (TimeoutError, OSError, *QUERY_FAILURES)
 
 
+_Handler = Callable[[Any, int, str, object], None]
+Parsed = TypeVar("Parsed")
+
+
+def _handler(parse: Callable[[object], Parsed], deliver: Callable[[Parsed], None]) -> _Handler:
+    """An asyncpg listener callback: parse the payload, pass it on; a payload the
+    channel's sender does not send is logged and dropped."""
+
+    def handle(_conn: Any, _pid: int, channel: str, payload: object) -> None:
+        try:
+            parsed = parse(payload)
+        except ValueError:
+            log.warning("ignoring malformed %s notification %r", channel, payload)
+            return
+        deliver(parsed)
+
+    return handle
+
+
 class Listener:
     """LISTENs on the stream channels and calls back: `on_thread(thread_id)` when a
     thread has news, `on_membership(thread_id, user_id)` when who may read changed
@@ -63,11 +82,19 @@ class Listener:
     ) -> None:
         self._database = database
         self._settings = settings
-        self._on_thread = on_thread
-        self._on_membership_change = on_membership
         self._on_reconnect = on_reconnect
-        self._on_log_position = on_log
-        self._on_typing_event = on_typing
+        # Each channel: its parser and what to call with a parsed payload.
+        self._handlers: dict[str, _Handler] = {
+            channels.THREAD_EVENTS: _handler(
+                channels.parse_thread_event, lambda event: on_thread(event.thread_id)
+            ),
+            channels.MEMBERSHIP: _handler(
+                channels.parse_membership_change,
+                lambda change: on_membership(change.thread_id, change.user_id),
+            ),
+            channels.LOG: _handler(channels.parse_log_position, on_log),
+            channels.TYPING: _handler(channels.parse_typing, on_typing),
+        }
         self._conn: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,10 +116,8 @@ class Listener:
     async def _listen(self) -> None:
         conn = await connect(self._database, application_name=APPLICATION_NAME)
         try:
-            await conn.add_listener(channels.THREAD_EVENTS, self._on_event)
-            await conn.add_listener(channels.MEMBERSHIP, self._on_membership)
-            await conn.add_listener(channels.LOG, self._on_log)
-            await conn.add_listener(channels.TYPING, self._on_typing)
+            for channel, handler in self._handlers.items():
+                await conn.add_listener(channel, handler)
         except BaseException:
             conn.terminate()
             raise
@@ -103,38 +128,6 @@ class Listener:
     def _on_terminated(self, conn: Any) -> None:
         if conn is self._conn:
             self._lost.set()
-
-    def _on_event(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            event = channels.parse_thread_event(payload)
-        except ValueError:
-            log.warning("ignoring malformed notification %r", payload)
-            return
-        self._on_thread(event.thread_id)
-
-    def _on_membership(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            change = channels.parse_membership_change(payload)
-        except ValueError:
-            log.warning("ignoring malformed membership notification %r", payload)
-            return
-        self._on_membership_change(change.thread_id, change.user_id)
-
-    def _on_log(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            position = channels.parse_log_position(payload)
-        except ValueError:
-            log.warning("ignoring malformed log notification %r", payload)
-            return
-        self._on_log_position(position)
-
-    def _on_typing(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            typing = channels.parse_typing(payload)
-        except ValueError:
-            log.warning("ignoring malformed typing notification %r", payload)
-            return
-        self._on_typing_event(typing)
 
     async def _heartbeat(self) -> None:
         """Probe the listening connection; one that does not answer is dead."""

@@ -20,7 +20,6 @@ A stream is gap-free and duplicate-free by this order:
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -28,13 +27,11 @@ from uuid import UUID
 import asyncpg
 from prometheus_client import Gauge
 
-from services.common import interrupts
 from services.common.channels import Typing
 from services.common.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
-    ResourceExhausted,
 )
 from services.common.identity import user_inactive
 from services.common.pool import QUERY_FAILURES
@@ -43,6 +40,7 @@ from services.messages import log_store
 from services.messages.log_store import LogEvent
 from services.messages.settings import MessagesSettings
 from services.messages.streams.backoff import jittered
+from services.messages.streams.buffer import StreamBuffer, refuse_past_limit
 from services.messages.user_view import Converted, Response, caught_up, typing, variant_for
 
 log = logging.getLogger(__name__)
@@ -60,67 +58,12 @@ def cursor_expired() -> FailedPrecondition:
     )
 
 
-class UserSubscription:
-    """One open user stream's buffer, bounded in events and bytes."""
+class UserSubscription(StreamBuffer[tuple[int, Response]]):
+    """One open user stream: (position, response) items; position 0 is `typing`."""
 
     def __init__(self, user_id: UUID, max_events: int, max_bytes: int) -> None:
+        super().__init__(max_events, max_bytes)
         self.user_id = user_id
-        self._max_events = max_events
-        self._max_bytes = max_bytes
-        self._events: collections.deque[tuple[int, Response, int]] = collections.deque()
-        self._bytes = 0
-        self._wake = asyncio.Event()
-        self._error: DomainError | None = None
-        self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._rpc = asyncio.current_task()
-
-    async def started(self) -> int:
-        return await self._started
-
-    def start(self, position: int) -> None:
-        if not self._started.done():
-            self._started.set_result(position)
-
-    def offer(self, position: int, response: Response, size: int) -> None:
-        """Queue one event (position 0: typing); a consumer too far behind is cut off."""
-        if self._error is not None:
-            return
-        over_bytes = bool(self._events) and self._bytes + size > self._max_bytes
-        if len(self._events) >= self._max_events or over_bytes:
-            self.end(
-                ResourceExhausted(
-                    "the stream fell too far behind; reconnect with your last cursor",
-                    reason="STREAM_BUFFER_FULL",
-                    retry_after_s=0.0,
-                )
-            )
-            return
-        self._events.append((position, response, size))
-        self._bytes += size
-        self._wake.set()
-
-    def end(self, error: DomainError) -> None:
-        if self._error is not None:
-            return
-        self._error = error
-        self._events.clear()
-        self._wake.set()
-        if not self._started.done():
-            self._started.set_exception(error)
-            self._started.exception()
-        if self._rpc is not None and self._rpc is not asyncio.current_task():
-            interrupts.interrupt(self._rpc, error)
-
-    async def next(self) -> tuple[int, Response]:
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._events:
-                position, response, size = self._events.popleft()
-                self._bytes -= size
-                return position, response
-            self._wake.clear()
-            await self._wake.wait()
 
 
 class UserStreams:
@@ -183,7 +126,7 @@ class UserStreams:
         for user in self._local.get(event.thread_id, ()):
             if user != event.user_id:
                 for sub in self._subs.get(user, ()):
-                    sub.offer(0, response, size)
+                    sub.offer((0, response), size)
 
     @property
     def open_count(self) -> int:
@@ -194,6 +137,7 @@ class UserStreams:
     async def stream(self, user_id: UUID, after: int | None) -> AsyncIterator[Response]:
         if self._closed is not None:
             raise self._closed
+        refuse_past_limit(self.open_count, self._settings.stream_max_open)
         sub = UserSubscription(
             user_id, self._settings.stream_buffer, self._settings.stream_buffer_bytes
         )
@@ -360,7 +304,7 @@ class UserStreams:
                 continue
             response, size = converted.response(variant)
             for sub in list(self._subs.get(user, ())):
-                sub.offer(event.position, response, size)
+                sub.offer((event.position, response), size)
 
     # -- the sequencer tick ------------------------------------------------------
 

@@ -143,6 +143,19 @@ async def _first_event(stubs: Stubs, world: World, me: str) -> object:
     return None
 
 
+async def _own_user_stream(stubs: Stubs, world: World, me: str) -> object:
+    """The member's user stream, as `me`, up to its caught_up."""
+    stream = stubs.messages.StreamUserEvents(
+        messages_pb2.StreamUserEventsRequest(user_id=world.users["member"]), metadata=as_user(me)
+    )
+    try:
+        event = await asyncio.wait_for(stream.read(), timeout=30)
+        assert event.WhichOneof("event") == "caught_up"
+    finally:
+        stream.cancel()
+    return None
+
+
 def _user_mask(*paths: str) -> field_mask_pb2.FieldMask:
     return field_mask_pb2.FieldMask(paths=list(paths))
 
@@ -279,6 +292,10 @@ CALLS: dict[str, Call] = {
         metadata=as_user(me),
     ),
     "MessagesService/StreamThreadMessages": _first_event,
+    "MessagesService/StreamUserEvents": _own_user_stream,
+    "ThreadsService/SendTyping": lambda s, w, me: s.threads.SendTyping(
+        threads_pb2.SendTypingRequest(thread_id=w.thread, user_id=me), metadata=as_user(me)
+    ),
     # operators only: no end user may read database statistics
     "AdminService/GetDatabaseStats": lambda s, w, me: s.admin.GetDatabaseStats(
         admin_pb2.GetDatabaseStatsRequest(), metadata=as_user(me)
@@ -336,6 +353,8 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "MessagesService/ListAttachments": _inside_thread(PARTICIPANTS),
     "MessagesService/SearchMessages": _inside_thread(PARTICIPANTS),
     "MessagesService/StreamThreadMessages": _inside_thread(PARTICIPANTS),
+    "MessagesService/StreamUserEvents": _expect(("member",), DENIED),  # only one's own
+    "ThreadsService/SendTyping": _inside_thread(PARTICIPANTS),
     "AdminService/GetDatabaseStats": _expect((), DENIED),
 }
 

@@ -21,7 +21,7 @@ from google.protobuf import field_mask_pb2
 
 from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION as MESSAGES
-from services.messages.user_view import encode_cursor
+from services.messages.user_view import decode_cursor, encode_cursor
 from tests.conftest import running
 from tests.factories import new_users, send
 from tests.rpc_errors import error_info, violated_fields
@@ -441,3 +441,130 @@ async def test_who_may_open_which_stream_and_bad_cursors(
         assert caught.value.code() == code, (user, after, caught.value)
         if fields:
             assert violated_fields(caught.value) == fields
+
+
+async def test_a_killed_listener_loses_nothing(
+    channels: dict[str, grpc.aio.Channel], db_pool: asyncpg.Pool, threads: Any, msgs: Any
+) -> None:
+    alice, bob = await new_users(db_pool, 2)
+    direct = await threads.GetOrCreateDirectThread(
+        threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[alice, bob])
+    )
+    await sequenced(db_pool)
+    stream = Follower(channels["messages"], alice)
+    await stream.caught_up()
+    killed = await db_pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'chat-messages-listener' AND datname = current_database()"
+    )
+    assert killed == 1
+    # Numbered and announced while the process has no listening connection.
+    sent = await msgs.SendMessage(
+        messages_pb2.SendMessageRequest(thread_id=direct.thread.id, user_id=bob, content="gap?")
+    )
+    event = await stream.next_kind("read_marked")
+    assert kind(event) == "message_created" and event.message_created.id == sent.message.id
+    stream.close()
+
+
+async def test_a_slow_user_stream_is_cut_off_with_a_resumable_code(
+    database_url: str, db_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The buffer is the thing under test (a small one fills fast).
+    monkeypatch.setenv("STREAM_BUFFER_EVENTS", "4")
+    settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
+    alice, bob = await new_users(db_pool, 2)
+    thread = await db_pool.fetchval("INSERT INTO threads (name) VALUES ('t') RETURNING id")
+    await db_pool.execute(
+        "INSERT INTO thread_participants (thread_id, user_id, role) "
+        "VALUES ($1, $2, 'owner'), ($1, $3, 'member')",
+        thread,
+        uuid.UUID(alice),
+        uuid.UUID(bob),
+    )
+    # A reader with a small, fixed flow-control window stops reading.
+    slow_options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16_384)]
+    async with (
+        running(MESSAGES, settings) as (service, _),
+        grpc.aio.insecure_channel(service.address, options=slow_options) as slow,
+    ):
+        await sequenced(db_pool)  # the service's tick numbers the thread's creation
+        stub = messages_pb2_grpc.MessagesServiceStub(slow)
+        call = stub.StreamUserEvents(messages_pb2.StreamUserEventsRequest(user_id=alice))
+        first = await asyncio.wait_for(call.read(), WAIT_S)
+        assert isinstance(first, Event) and kind(first) == "caught_up"
+        for i in range(40):
+            await send(db_pool, str(thread), bob, f"{i} " + "x" * 9_000)
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                assert isinstance(await asyncio.wait_for(call.read(), WAIT_S), Event)
+                received += 1
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "STREAM_BUFFER_FULL"
+        assert received < 80  # 40 messages and 40 read marks of bob's: not all came
+
+
+async def test_the_open_user_stream_limit_answers_resource_exhausted(
+    database_url: str, db_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAM_MAX_OPEN", "2")  # the limit is the thing under test
+    settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
+    alice = (await new_users(db_pool, 1))[0]
+    async with running(MESSAGES, settings) as (_, channel):
+        open_ = [Follower(channel, alice) for _ in range(2)]
+        for stream in open_:
+            await stream.caught_up()
+        extra = Follower(channel, alice)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await extra.task
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(caught.value).reason == "STREAM_LIMIT"
+        for stream in open_:
+            stream.close()
+
+
+async def test_joins_and_leaves_racing_a_stream_start_agree_with_the_replay(
+    channels: dict[str, grpc.aio.Channel], db_pool: asyncpg.Pool, threads: Any, msgs: Any
+) -> None:
+    """A stream starts while its user is added to and removed from a busy thread:
+    whatever the interleaving, what it shows live after caught_up is exactly what a
+    replay from that caught_up shows, and never an event of the thread while the
+    user is out of it."""
+    alice, bob = await new_users(db_pool, 2)
+    created = await threads.CreateThread(threads_pb2.CreateThreadRequest(creator_id=bob))
+    thread = created.thread.id
+    for trial in range(100):
+        stream = Follower(channels["messages"], alice)
+
+        async def churn(trial: int = trial) -> None:
+            if trial % 2 == 0:
+                await threads.AddParticipants(
+                    threads_pb2.AddParticipantsRequest(thread_id=thread, user_ids=[alice])
+                )
+            else:
+                await threads.RemoveParticipant(
+                    threads_pb2.RemoveParticipantRequest(thread_id=thread, user_id=alice)
+                )
+            await msgs.SendMessage(
+                messages_pb2.SendMessageRequest(thread_id=thread, user_id=bob, content=f"{trial}")
+            )
+
+        start, _ = await asyncio.gather(stream.caught_up(), churn())
+        await sequenced(db_pool)
+        replayed = await replay(channels["messages"], alice, start)
+        live = [await stream.next() for _ in replayed]
+        assert [(e.cursor, kind(e)) for e in live] == [(e.cursor, kind(e)) for e in replayed]
+        for event in live:
+            if kind(event) == "message_created":
+                # Alice's membership at the message's position, from the log itself.
+                last = await db_pool.fetchval(
+                    "SELECT kind FROM thread_events WHERE thread_id = $1 AND user_id = $2 "
+                    "AND kind IN ('participant_joined', 'participant_left') AND position < $3 "
+                    "ORDER BY position DESC LIMIT 1",
+                    uuid.UUID(thread),
+                    uuid.UUID(alice),
+                    decode_cursor(event.cursor),
+                )
+                assert last == "participant_joined", (trial, event)
+        stream.close()

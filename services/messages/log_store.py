@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from services.common.rows import Record, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -102,15 +103,8 @@ class Memberships:
     retained_after: int = 0
 
 
-def _event(record: Any) -> LogEvent:
-    return LogEvent(
-        position=record["position"],
-        thread_id=record["thread_id"],
-        kind=record["kind"],
-        user_id=record["user_id"],
-        payload=record["payload"],
-        redacted=record["redacted"],
-    )
+def _event(record: Record) -> LogEvent:
+    return row_of(LogEvent, record)
 
 
 async def state(conn: DbConnection) -> LogState:

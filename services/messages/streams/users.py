@@ -80,6 +80,7 @@ class UserStreams:
         self._wake = asyncio.Event()
         self._sequence_now = asyncio.Event()
         self._recheck: set[UUID] = set()
+        self._open = 0  # registered streams, pending or started
         self._tasks: list[asyncio.Task[None]] = []
         self._closed: DomainError | None = None
 
@@ -130,7 +131,7 @@ class UserStreams:
 
     @property
     def open_count(self) -> int:
-        return len(self._pending) + sum(len(s) for s in self._subs.values())
+        return self._open
 
     # -- the stream ------------------------------------------------------------
 
@@ -142,6 +143,7 @@ class UserStreams:
             user_id, self._settings.stream_buffer, self._settings.stream_buffer_bytes
         )
         self._pending.append(sub)
+        self._open += 1
         self._wake.set()
         OPEN_USER_STREAMS.inc()
         try:
@@ -193,6 +195,7 @@ class UserStreams:
             position = batch[-1].position
 
     def _unsubscribe(self, sub: UserSubscription) -> None:
+        self._open -= 1
         if sub in self._pending:
             self._pending.remove(sub)
             return

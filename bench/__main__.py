@@ -50,6 +50,14 @@ STREAM_SUBSCRIBERS = 1000
 STREAM_RATE = 50  # messages per second while the subscribers listen
 STREAM_SECONDS = 10
 IDLE_STREAMS = 5000
+USER_STREAMS = 1000  # members of one thread, each with a user stream
+IDLE_USER_STREAMS = 10_000
+# The user streams' log triggers on a send's path (db/functions/events.sql).
+LOG_TRIGGERS_ON = (
+    "ALTER TABLE messages ENABLE TRIGGER trg_messages_log; "
+    "ALTER TABLE thread_participants ENABLE TRIGGER trg_participants_log"
+)
+LOG_TRIGGERS_OFF = LOG_TRIGGERS_ON.replace("ENABLE", "DISABLE")
 
 
 def say(line: str) -> None:
@@ -127,6 +135,7 @@ async def run(args: argparse.Namespace) -> int:
         idle = await start_service_process("messages", url)
         procs.append(idle)
         await idle_streams(bench, idle)
+        await idle_user_streams(bench, idle)
         await pgbench(bench, url)
         meta = {
             "date": stamp,
@@ -237,8 +246,67 @@ async def scenarios(
     await live_streams(bench, messages)
 
 
+async def members_thread(url: str, members: int, *, tag: str) -> tuple[str, list[str]]:
+    """A group thread of `members` new users (the bench's own SQL); its id and theirs."""
+    conn = await asyncpg.connect(url)
+    try:
+        users = [
+            str(u)
+            for u in await conn.fetchval(
+                "WITH made AS (INSERT INTO users (email, username) "
+                "SELECT $1 || g || '@bench.io', $1 || g FROM generate_series(1, $2) g "
+                "RETURNING id) SELECT array_agg(id) FROM made",
+                tag,
+                members,
+            )
+        ]
+        thread = await conn.fetchval(
+            "INSERT INTO threads (name) VALUES ($1) RETURNING id", f"{tag} thread"
+        )
+        await conn.execute(
+            "INSERT INTO thread_participants (thread_id, user_id, role) "
+            "SELECT $1, u, CASE WHEN n = 1 THEN 'owner' ELSE 'member' END "
+            "FROM unnest($2::uuid[]) WITH ORDINALITY AS x (u, n)",
+            thread,
+            [uuid.UUID(u) for u in users],
+        )
+        return str(thread), users
+    finally:
+        await conn.close()
+
+
 async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
-    s = bench.seeded
+    await delivery(
+        bench,
+        messages,
+        "StreamThreadMessages delivery",
+        bench.seeded.hot_thread,
+        bench.seeded.hot_members[:10],
+        [{"thread": bench.seeded.hot_thread, "streams": STREAM_SUBSCRIBERS // 2}] * 2,
+    )
+    thread, users = await members_thread(bench.database_url, USER_STREAMS, tag="live")
+    half = USER_STREAMS // 2
+    await delivery(
+        bench,
+        messages,
+        "StreamUserEvents delivery",
+        thread,
+        users[:10],
+        [{"users": users[:half]}, {"users": users[half:]}],
+    )
+
+
+async def delivery(
+    bench: Bench,
+    messages: list[ServiceProcess],
+    path: str,
+    thread: str,
+    senders: list[str],
+    streams: list[dict[str, Any]],
+) -> None:
+    """Sends STREAM_RATE messages/s into `thread` while `streams` (one spec per
+    messages process) listen; the delay from each send's acknowledgement to each
+    delivery."""
     ctx = multiprocessing.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
     settle, drain = 5.0, 5.0
@@ -247,18 +315,12 @@ async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
         ctx.Process(
             target=run_subscribers,
             args=(
-                {
-                    "address": proc.address,
-                    "thread": s.hot_thread,
-                    "streams": STREAM_SUBSCRIBERS // 2,
-                    "settle": settle,
-                    "until": until,
-                },
+                {**spec, "address": proc.address, "settle": settle, "until": until},
                 ready,
                 results,
             ),
         )
-        for proc in messages
+        for proc, spec in zip(messages, streams, strict=True)
     ]
     for proc in subscribers:
         proc.start()
@@ -273,7 +335,7 @@ async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
             await asyncio.sleep(max(0.0, start + i / STREAM_RATE - time.monotonic()))
             reply = await stub.SendMessage(
                 messages_pb2.SendMessageRequest(
-                    thread_id=s.hot_thread, user_id=s.hot_members[i % 10], content=f"live {i}"
+                    thread_id=thread, user_id=senders[i % len(senders)], content=f"live {i}"
                 )
             )
             acks[reply.message.id] = time.time()
@@ -284,12 +346,13 @@ async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
     for proc in subscribers:
         proc.join(30)
     latencies = [max(0.0, t - acks[m]) for m, ts in received.items() if m in acks for t in ts]
-    expected = STREAM_SUBSCRIBERS * len(acks)
+    listeners = sum(len(spec.get("users") or ()) or spec["streams"] for spec in streams)
+    expected = listeners * len(acks)
     _, p50, p99 = report.summarize(latencies, 1.0)
     bench.add(
         report.Figure(
-            "StreamThreadMessages delivery",
-            f"{STREAM_SUBSCRIBERS} subscribers on 2 processes, {STREAM_RATE} msg/s",
+            path,
+            f"{listeners} streams on {len(streams)} processes, {STREAM_RATE} msg/s",
             len(latencies) / STREAM_SECONDS,
             p50,
             p99,
@@ -300,26 +363,68 @@ async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
 
 
 async def idle_streams(bench: Bench, server: ServiceProcess) -> None:
+    spread = bench.seeded.spread
+    await idle_memory(
+        server,
+        bench,
+        "idle streams resident memory",
+        IDLE_STREAMS,
+        [{"thread": spread[i][0], "streams": IDLE_STREAMS // 2} for i in range(2)],
+        target_mb=300,
+    )
+
+
+async def idle_user_streams(bench: Bench, server: ServiceProcess) -> None:
+    # Each user a member of 10 threads of 1,000 members (memberships held in memory).
+    users: list[str] = []
+    for n in range(10):
+        _, members = await members_thread(bench.database_url, IDLE_USER_STREAMS // 10, tag=f"i{n}")
+        users += members
+    conn = await asyncpg.connect(bench.database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO thread_participants (thread_id, user_id) "
+            "SELECT t.id, u FROM unnest($1::uuid[]) AS u, "
+            "(SELECT id FROM threads WHERE name LIKE 'i_ thread') t "
+            "ON CONFLICT DO NOTHING",
+            [uuid.UUID(u) for u in users],
+        )
+    finally:
+        await conn.close()
+    half = len(users) // 2
+    await idle_memory(
+        server,
+        bench,
+        "idle user streams resident memory",
+        len(users),
+        [{"users": users[:half]}, {"users": users[half:]}],
+        target_mb=500,
+    )
+
+
+async def idle_memory(
+    server: ServiceProcess,
+    bench: Bench,
+    path: str,
+    count: int,
+    specs: list[dict[str, Any]],
+    *,
+    target_mb: int,
+) -> None:
     ctx = multiprocessing.get_context("spawn")
     ready, results = ctx.Queue(), ctx.Queue()
     rss_before = psutil.Process(server.process.pid).memory_info().rss
-    until = time.time() + 60
+    until = time.time() + 90
     holders = [
         ctx.Process(
             target=run_subscribers,
             args=(
-                {
-                    "address": server.address,
-                    "thread": bench.seeded.spread[i][0],
-                    "streams": IDLE_STREAMS // 2,
-                    "settle": 10.0,
-                    "until": until,
-                },
+                {**spec, "address": server.address, "settle": 15.0, "until": until},
                 ready,
                 results,
             ),
         )
-        for i in range(2)
+        for spec in specs
     ]
     for proc in holders:
         proc.start()
@@ -331,13 +436,13 @@ async def idle_streams(bench: Bench, server: ServiceProcess) -> None:
         proc.join(10)
     bench.add(
         report.Figure(
-            "idle streams resident memory",
-            f"{IDLE_STREAMS:,} streams, one process",
+            path,
+            f"{count:,} streams, one process",
             0.0,
             float("nan"),
             float("nan"),
-            ceiling="target 300 MB",
-            ratio=rss / (300 * 2**20),
+            ceiling=f"target {target_mb} MB",
+            ratio=rss / (target_mb * 2**20),
             note=f"RSS {rss / 2**20:.0f} MB (idle process {rss_before / 2**20:.0f} MB)",
         )
     )
@@ -364,24 +469,36 @@ async def pgbench(bench: Bench, url: str) -> None:
     )
     command = [binary, "-M", "prepared", "-n", "-c", "32", "-j", "2"]
     command += ["-T", str(int(bench.args.duration)), "-f", str(script), url]
-    result = await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=300
-    )
-    tps = re.search(r"tps = ([\d.]+)", result.stdout)
-    latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
-    if tps is None or latency is None:
-        say(f"pgbench failed: {result.stderr.strip()[:300]}")
-        return
-    bench.add(
-        report.Figure(
-            "pgbench -M prepared send function",
-            "32 clients",
-            float(tps.group(1)),
-            float(latency.group(1)),
-            float("nan"),
-            note="p50 column: pgbench's average latency",
+    # The same send with and without the user streams' log (its two triggers
+    # switched off for the second run only): what the log adds to a send.
+    for setting, log_on in (
+        ("32 clients, with the event log", True),
+        ("32 clients, no log", False),
+    ):
+        conn = await asyncpg.connect(url)
+        await conn.execute(LOG_TRIGGERS_ON if log_on else LOG_TRIGGERS_OFF)
+        await conn.close()
+        result = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, timeout=300
         )
-    )
+        tps = re.search(r"tps = ([\d.]+)", result.stdout)
+        latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
+        if tps is None or latency is None:
+            say(f"pgbench failed: {result.stderr.strip()[:300]}")
+            continue
+        bench.add(
+            report.Figure(
+                "pgbench -M prepared send function",
+                setting,
+                float(tps.group(1)),
+                float(latency.group(1)),
+                float("nan"),
+                note="p50 column: pgbench's average latency",
+            )
+        )
+    conn = await asyncpg.connect(url)
+    await conn.execute(LOG_TRIGGERS_ON)
+    await conn.close()
 
 
 def main() -> int:

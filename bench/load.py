@@ -143,20 +143,28 @@ async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
     stub = messages_pb2_grpc.MessagesServiceStub(channel)
     received: dict[str, list[float]] = {}
 
-    async def one() -> None:
-        call = stub.StreamThreadMessages(
-            messages_pb2.StreamThreadMessagesRequest(thread_id=spec["thread"])
-        )
+    async def one(user: str | None) -> None:
+        if user is None:
+            call: Any = stub.StreamThreadMessages(
+                messages_pb2.StreamThreadMessagesRequest(thread_id=spec["thread"])
+            )
+            field = "created"
+        else:
+            call = stub.StreamUserEvents(messages_pb2.StreamUserEventsRequest(user_id=user))
+            field = "message_created"
         try:
             async for event in call:
-                if event.HasField("created"):  # not the caught_up handshake
-                    received.setdefault(event.created.id, []).append(time.time())
+                if event.HasField(field):  # not the caught_up handshake
+                    message = getattr(event, field)
+                    received.setdefault(message.id, []).append(time.time())
         except grpc.aio.AioRpcError:
             pass
 
-    tasks = [asyncio.create_task(one()) for _ in range(spec["streams"])]
+    # A thread's streams (`thread`, `streams` of them) or one user stream per user.
+    users: list[str | None] = spec.get("users") or [None] * spec["streams"]
+    tasks = [asyncio.create_task(one(user)) for user in users]
     await asyncio.sleep(spec["settle"])
-    ready.put(spec["streams"])
+    ready.put(len(tasks))
     await asyncio.sleep(max(0.0, spec["until"] - time.time()))
     for task in tasks:
         task.cancel()

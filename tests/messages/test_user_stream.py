@@ -16,6 +16,8 @@ from chat.v1 import (
     messages_pb2_grpc,
     threads_pb2,
     threads_pb2_grpc,
+    users_pb2,
+    users_pb2_grpc,
 )
 from google.protobuf import field_mask_pb2
 
@@ -568,3 +570,22 @@ async def test_joins_and_leaves_racing_a_stream_start_agree_with_the_replay(
                 )
                 assert last == "participant_joined", (trial, event)
         stream.close()
+
+
+async def test_a_deactivated_user_stream_ends_with_user_inactive(
+    channels: dict[str, grpc.aio.Channel], db_pool: asyncpg.Pool
+) -> None:
+    alice = (await new_users(db_pool, 1))[0]
+    stream = Follower(channels["messages"], alice, metadata=as_user(alice))
+    await stream.caught_up()
+    users = users_pb2_grpc.UsersServiceStub(channels["users"])
+    await users.UpdateUser(
+        users_pb2.UpdateUserRequest(
+            user=users_pb2.User(id=alice, is_active=False),
+            update_mask=field_mask_pb2.FieldMask(paths=["is_active"]),
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(stream.task, WAIT_S)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "USER_INACTIVE"

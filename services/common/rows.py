@@ -21,9 +21,17 @@ class Record(Protocol):
     def __getitem__(self, column: str, /) -> Any: ...
 
 
+# Rows are built on every read path: each type's names are worked out once.
+_FIELD_NAMES: dict[tuple[type[Any], frozenset[str]], tuple[str, ...]] = {}
+
+
 def field_names(row_type: type[Any], *, exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """The columns of `row_type`: its dataclass fields, less `exclude` (derived ones)."""
-    return tuple(f.name for f in fields(row_type) if f.name not in exclude)
+    key = (row_type, exclude)
+    names = _FIELD_NAMES.get(key)
+    if names is None:
+        names = _FIELD_NAMES[key] = tuple(f.name for f in fields(row_type) if f.name not in exclude)
+    return names
 
 
 def column_list(

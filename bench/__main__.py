@@ -55,7 +55,8 @@ IDLE_USER_STREAMS = 10_000
 # The user streams' log triggers on a send's path (db/functions/events.sql).
 LOG_TRIGGERS_ON = (
     "ALTER TABLE messages ENABLE TRIGGER trg_messages_log; "
-    "ALTER TABLE thread_participants ENABLE TRIGGER trg_participants_log"
+    "ALTER TABLE thread_participants ENABLE TRIGGER trg_participants_log; "
+    "ALTER TABLE thread_participants ENABLE TRIGGER trg_participants_change_log"
 )
 LOG_TRIGGERS_OFF = LOG_TRIGGERS_ON.replace("ENABLE", "DISABLE")
 

@@ -111,7 +111,9 @@ BEGIN
             VALUES (NEW.thread_id, 'participant_updated', NEW.user_id,
                     jsonb_build_object('participant', to_jsonb(NEW)));
         END IF;
-        IF NEW.last_read_at IS DISTINCT FROM OLD.last_read_at THEN
+        -- A send moves its sender's mark too; their message says so (send.sql).
+        IF NEW.last_read_at IS DISTINCT FROM OLD.last_read_at
+           AND current_setting('chat.read_by_own_send', true) IS DISTINCT FROM 'on' THEN
             INSERT INTO thread_events (thread_id, kind, user_id, payload)
             VALUES (NEW.thread_id, 'read_marked', NEW.user_id,
                     jsonb_build_object(
@@ -201,13 +203,25 @@ CREATE CONSTRAINT TRIGGER trg_messages_log AFTER INSERT OR UPDATE OF change_seq 
     FOR EACH ROW EXECUTE FUNCTION chat_log_message();
 CREATE OR REPLACE TRIGGER trg_message_removals_log AFTER INSERT ON message_removals
     FOR EACH ROW EXECUTE FUNCTION chat_log_message_removal();
--- Deferred too, so a send logs its message before the sender's read mark.
+-- Deferred too, as messages. Updates are queued only when a role or a read mark
+-- moved, and not for the mark a send moves (chat.read_by_own_send): most
+-- sends queue nothing here.
 -- squawk-ignore ban-drop-trigger
 DROP TRIGGER IF EXISTS trg_participants_log ON thread_participants;
 CREATE CONSTRAINT TRIGGER trg_participants_log
-    AFTER INSERT OR DELETE OR UPDATE OF role, last_read_at ON thread_participants
+    AFTER INSERT OR DELETE ON thread_participants
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION chat_log_participant();
+-- squawk-ignore ban-drop-trigger
+DROP TRIGGER IF EXISTS trg_participants_change_log ON thread_participants;
+CREATE CONSTRAINT TRIGGER trg_participants_change_log
+    AFTER UPDATE OF role, last_read_at ON thread_participants
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW
+    WHEN (OLD.role IS DISTINCT FROM NEW.role
+          OR (OLD.last_read_at IS DISTINCT FROM NEW.last_read_at
+              AND current_setting('chat.read_by_own_send', true) IS DISTINCT FROM 'on'))
+    EXECUTE FUNCTION chat_log_participant();
 CREATE OR REPLACE TRIGGER trg_threads_log AFTER UPDATE OF name, is_archived ON threads
     FOR EACH ROW
     WHEN (OLD.name IS DISTINCT FROM NEW.name OR OLD.is_archived IS DISTINCT FROM NEW.is_archived)

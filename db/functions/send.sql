@@ -137,7 +137,9 @@ BEGIN
            nullif(a -> 'metadata', 'null'::jsonb), v_created
     FROM jsonb_array_elements(coalesce(p_attachments, '[]'::jsonb)) AS a;
 
-    -- The sender has read everything up to their own message.
+    -- The sender has read everything up to their own message. Their user stream
+    -- shows it through the message itself, not a read_marked event (events.sql).
+    PERFORM set_config('chat.read_by_own_send', 'on', true);
     UPDATE thread_participants p
     SET last_read_at = greatest(p.last_read_at, v_created)
     WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id;

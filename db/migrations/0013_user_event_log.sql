@@ -35,10 +35,14 @@ CREATE TABLE thread_events (
         'participant_joined', 'participant_left', 'participant_updated',
         'thread_updated', 'read_marked'))
 );
--- The log in order (live fetches, pruning); a position is given once.
-CREATE UNIQUE INDEX idx_thread_events_position ON thread_events (position);
+-- The log in order (live fetches, pruning); a position is given once. Both
+-- position indexes are partial: a writer's insert (position NULL) touches
+-- neither, only the sequencer's numbering does, off the writer's path.
+CREATE UNIQUE INDEX idx_thread_events_position ON thread_events (position)
+    WHERE position IS NOT NULL;
 -- One thread's events after a position (a resumed stream's replay).
-CREATE INDEX idx_thread_events_thread ON thread_events (thread_id, position);
+CREATE INDEX idx_thread_events_thread ON thread_events (thread_id, position)
+    WHERE position IS NOT NULL;
 -- The sequencer's queue: committed events without a position yet.
 CREATE INDEX idx_thread_events_unsequenced ON thread_events (id) WHERE position IS NULL;
 -- One user's membership and read-mark events (membership at a past position).
@@ -70,6 +74,7 @@ END $$;
 DROP TRIGGER IF EXISTS trg_messages_log ON messages;
 DROP TRIGGER IF EXISTS trg_message_removals_log ON message_removals;
 DROP TRIGGER IF EXISTS trg_participants_log ON thread_participants;
+DROP TRIGGER IF EXISTS trg_participants_change_log ON thread_participants;
 DROP TRIGGER IF EXISTS trg_threads_log ON threads;
 DROP TABLE event_log;
 DROP TABLE thread_events;

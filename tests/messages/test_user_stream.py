@@ -589,3 +589,39 @@ async def test_a_deactivated_user_stream_ends_with_user_inactive(
         await asyncio.wait_for(stream.task, WAIT_S)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "USER_INACTIVE"
+
+
+async def test_a_send_moves_the_senders_mark_without_a_read_marked_event(
+    channels: dict[str, grpc.aio.Channel], db_pool: asyncpg.Pool, threads: Any, msgs: Any
+) -> None:
+    alice, bob = await new_users(db_pool, 2)
+    direct = await threads.GetOrCreateDirectThread(
+        threads_pb2.GetOrCreateDirectThreadRequest(user_ids=[alice, bob])
+    )
+    thread = direct.thread.id
+    await sequenced(db_pool)
+    stream = Follower(channels["messages"], alice)
+    start = await stream.caught_up()
+    await msgs.SendMessage(
+        messages_pb2.SendMessageRequest(thread_id=thread, user_id=bob, content="first")
+    )
+    await msgs.SendMessage(
+        messages_pb2.SendMessageRequest(thread_id=thread, user_id=alice, content="reply")
+    )
+    # Her own message says she read up to it; an explicit mark is an event.
+    await threads.MarkRead(threads_pb2.MarkReadRequest(thread_id=thread, user_id=alice))
+    await msgs.SendMessage(
+        messages_pb2.SendMessageRequest(thread_id=thread, user_id=bob, content="again")
+    )
+    await threads.MarkRead(threads_pb2.MarkReadRequest(thread_id=thread, user_id=alice))
+    expected = ["message_created", "message_created", "message_created", "read_marked"]
+    assert [kind(await stream.next()) for _ in expected] == expected
+    marked = await db_pool.fetchval(
+        "SELECT last_read_at FROM thread_participants WHERE thread_id = $1 AND user_id = $2",
+        uuid.UUID(thread),
+        uuid.UUID(alice),
+    )
+    assert marked is not None
+    await sequenced(db_pool)
+    assert [kind(e) for e in await replay(channels["messages"], alice, start)] == expected
+    stream.close()

@@ -27,7 +27,7 @@ from uuid import UUID
 
 from services.common.access import MANAGERS, Role, ThreadAccess, ThreadRow, visible_thread
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
-from services.common.identity import Caller
+from services.common.identity import Caller, user_inactive
 from services.common.types import DbConnection
 from services.threads import store
 
@@ -172,6 +172,8 @@ async def may_type(conn: DbConnection, caller: Caller, thread_id: UUID, user_id:
     who is not in it, as for reading)."""
     del caller  # checked by acts_as: the participation that counts is the typist's
     access = await visible_thread(conn, Caller(user_id), thread_id)
+    if not await store.user_active(conn, user_id):  # a gateway may name anyone
+        raise user_inactive(user_id, "the typing user is deactivated")
     if access.thread.is_archived:
         raise FailedPrecondition(
             "the thread is archived", reason="THREAD_ARCHIVED", subject=f"thread/{thread_id}"

@@ -101,6 +101,9 @@ UPDATE = named(
 DELETE = named("threads.delete", "DELETE FROM threads WHERE id = $1")
 NOTIFY = named("threads.notify_membership", "SELECT chat_notify_membership($1, $2)")
 LEAVE_REASON = named("threads.leave_reason", "SELECT set_config('chat.leave_reason', $1, true)")
+USER_ACTIVE = named(
+    "threads.user_active", "SELECT coalesce((SELECT is_active FROM users WHERE id = $1), false)"
+)
 # A participant is typing: a notification only (db/functions/notify.sql).
 NOTIFY_TYPING = named("threads.notify_typing", "SELECT chat_notify_typing($1, $2, $3)")
 REMOVE = named(
@@ -374,3 +377,7 @@ async def notify_typing(
     conn: DbConnection, thread_id: UUID, user_id: UUID, expire_time: datetime
 ) -> None:
     await conn.execute(NOTIFY_TYPING, thread_id, user_id, expire_time)
+
+
+async def user_active(conn: DbConnection, user_id: UUID) -> bool:
+    return bool(await conn.fetchval(USER_ACTIVE, user_id))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -58,8 +59,16 @@ def cursor_expired() -> FailedPrecondition:
     )
 
 
-class UserSubscription(StreamBuffer[tuple[int, Response]]):
-    """One open user stream: (position, response) items; position 0 is `typing`."""
+class Item(NamedTuple):
+    position: int  # 0: `typing`, which has none
+    response: Response
+    # The follower's position when it offered this: a typing was decided on the
+    # memberships as of then.
+    seen_at: int
+
+
+class UserSubscription(StreamBuffer[Item]):
+    """One open user stream."""
 
     def __init__(self, user_id: UUID, max_events: int, max_bytes: int) -> None:
         super().__init__(max_events, max_bytes)
@@ -127,7 +136,7 @@ class UserStreams:
         for user in self._local.get(event.thread_id, ()):
             if user != event.user_id:
                 for sub in self._subs.get(user, ()):
-                    sub.offer((0, response), size)
+                    sub.offer(Item(0, response, self._position), size)
 
     @property
     def open_count(self) -> int:
@@ -160,12 +169,17 @@ class UserStreams:
                 delivered = max(after, start)
             yield caught_up(delivered)
             while True:
-                position, response = await sub.next()
-                if position and position <= delivered:
+                item = await sub.next()
+                if item.position == 0:
+                    # A typing decided on memberships older than what this stream
+                    # has shown (a resume ahead of this process) may be stale.
+                    if item.seen_at >= delivered:
+                        yield item.response
+                    continue
+                if item.position <= delivered:
                     continue  # already replayed
-                yield response
-                if position:
-                    delivered = position
+                yield item.response
+                delivered = item.position
         finally:
             OPEN_USER_STREAMS.dec()
             self._unsubscribe(sub)
@@ -239,31 +253,42 @@ class UserStreams:
                 self._wake.set()
 
     async def _start_pending(self, conn: DbConnection) -> None:
+        """Start the streams waiting to: each user's threads at the follower's
+        position (every pending user is read, even one with streams open now:
+        those may close while this reads). Streams stay pending until this
+        succeeds (a failed read is retried), and one cancelled meanwhile has left
+        `_pending` and is not started."""
         if not self._pending:
             return
         if not self._subs and not self._local:
             # Nobody was listening: skip what nobody needs to read.
             self._position = max(self._position, (await log_store.state(conn)).last_position)
-        pending, self._pending = self._pending, []
-        users = sorted({sub.user_id for sub in pending} - set(self._subs))
+        users = sorted({sub.user_id for sub in self._pending})
         active = await log_store.active_users(conn, users)
         memberships = await log_store.memberships(conn, sorted(active), self._position)
-        for user in active:
-            self._threads_of[user] = memberships.at[user]
-            for thread in memberships.at[user]:
-                self._local.setdefault(thread, set()).add(user)
-        for sub in pending:
-            if sub.user_id in self._subs or sub.user_id in active:
-                self._subs.setdefault(sub.user_id, set()).add(sub)
-                sub.start(self._position)
-            else:
-                sub.end(user_inactive(sub.user_id))
+        # No await from here on: nothing can change under the registration.
+        for sub in list(self._pending):
+            if sub.user_id not in users:
+                continue  # arrived during the reads: the next pass starts it
+            self._pending.remove(sub)
+            if sub.user_id not in active:
+                sub.end(user_inactive(sub.user_id, "the user is deactivated or does not exist"))
+                continue
+            if sub.user_id not in self._subs:  # its first stream here: index its threads
+                threads = self._threads_of[sub.user_id] = memberships.at[sub.user_id]
+                for thread in threads:
+                    self._local.setdefault(thread, set()).add(sub.user_id)
+            self._subs.setdefault(sub.user_id, set()).add(sub)
+            sub.start(self._position)
+        if self._pending:
+            self._wake.set()
 
     async def _recheck_users(self, conn: DbConnection) -> None:
         if not self._recheck:
             return
-        users, self._recheck = sorted(self._recheck), set()
+        users = sorted(self._recheck)
         active = await log_store.active_users(conn, users)
+        self._recheck -= set(users)  # only once read: a failed read is retried
         for user in users:
             if user not in active:
                 for sub in list(self._subs.get(user, ())):
@@ -280,12 +305,32 @@ class UserStreams:
                 self._settings.stream_fetch_batch,
                 self._settings.stream_fetch_bytes,
             )
+            if batch and batch[0].position != self._position + 1:
+                # Positions are dense: a jump means retention pruned events this
+                # process had not read yet. Its streams cannot be continued.
+                self._expire_all()
+                return
             for event in batch:
                 self._deliver(event)
                 self._position = event.position
             LOG_POSITION.set(self._position)
             if not batch:
                 return
+
+    def _expire_all(self) -> None:
+        """End every started stream with CURSOR_EXPIRED and forget their state; the
+        next start reads memberships afresh (at the log's end, nobody listening)."""
+        log.warning(
+            "the event log was pruned past this process's position %d; "
+            "ending its user streams with CURSOR_EXPIRED",
+            self._position,
+        )
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.end(cursor_expired())
+        self._subs.clear()
+        self._threads_of.clear()
+        self._local.clear()
 
     def _deliver(self, event: LogEvent) -> None:
         users = set(self._local.get(event.thread_id, ()))
@@ -307,7 +352,7 @@ class UserStreams:
                 continue
             response, size = converted.response(variant)
             for sub in list(self._subs.get(user, ())):
-                sub.offer((event.position, response), size)
+                sub.offer(Item(event.position, response, event.position), size)
 
     # -- the sequencer tick ------------------------------------------------------
 

@@ -341,9 +341,13 @@ async def delivery(
             )
             acks[reply.message.id] = time.time()
     received: dict[str, list[float]] = {}
+    ended: dict[str, int] = {}
     for _ in subscribers:
-        for message_id, times in (await asyncio.to_thread(results.get, True, 120)).items():
+        result = await asyncio.to_thread(results.get, True, 120)
+        for message_id, times in result["received"].items():
             received.setdefault(message_id, []).extend(times)
+        for code, count in result["ended"].items():
+            ended[code] = ended.get(code, 0) + count
     for proc in subscribers:
         proc.join(30)
     latencies = [max(0.0, t - acks[m]) for m, ts in received.items() if m in acks for t in ts]
@@ -358,7 +362,8 @@ async def delivery(
             p50,
             p99,
             ceiling="send acknowledgement",
-            note=f"{len(latencies):,} of {expected:,} deliveries measured",
+            note=f"{len(latencies):,} of {expected:,} deliveries measured"
+            + "".join(f"; {n} streams ended {code}" for code, n in sorted(ended.items())),
         )
     )
 

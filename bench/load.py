@@ -142,6 +142,7 @@ async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
     channel = grpc.aio.insecure_channel(spec["address"])
     stub = messages_pb2_grpc.MessagesServiceStub(channel)
     received: dict[str, list[float]] = {}
+    ended: dict[str, int] = {}  # streams the server ended, by status code
 
     async def one(user: str | None) -> None:
         if user is None:
@@ -157,8 +158,9 @@ async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
                 if event.HasField(field):  # not the caught_up handshake
                     message = getattr(event, field)
                     received.setdefault(message.id, []).append(time.time())
-        except grpc.aio.AioRpcError:
-            pass
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                ended[err.code().name] = ended.get(err.code().name, 0) + 1
 
     # A thread's streams (`thread`, `streams` of them) or one user stream per user.
     users: list[str | None] = spec.get("users") or [None] * spec["streams"]
@@ -170,7 +172,7 @@ async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await channel.close()
-    results.put(received)
+    results.put({"received": received, "ended": ended})
 
 
 def run_subscribers(spec: dict[str, Any], ready: Any, results: Any) -> None:

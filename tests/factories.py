@@ -40,9 +40,9 @@ class Room:
     outsider: str
 
 
-async def new_room(db: asyncpg.Pool) -> Room:
-    owner, member, outsider = await new_users(db, 3)
-    thread = await db.fetchval("INSERT INTO threads (name) VALUES ('room') RETURNING id")
+async def new_group(db: asyncpg.Pool, owner: str, member: str, name: str = "room") -> str:
+    """A group thread of `owner` (OWNER) and `member` (MEMBER); its id."""
+    thread = await db.fetchval("INSERT INTO threads (name) VALUES ($1) RETURNING id", name)
     await db.execute(
         "INSERT INTO thread_participants (thread_id, user_id, role) "
         "VALUES ($1, $2, 'owner'), ($1, $3, 'member')",
@@ -50,7 +50,12 @@ async def new_room(db: asyncpg.Pool) -> Room:
         uuid.UUID(owner),
         uuid.UUID(member),
     )
-    return Room(str(thread), owner, member, outsider)
+    return str(thread)
+
+
+async def new_room(db: asyncpg.Pool) -> Room:
+    owner, member, outsider = await new_users(db, 3)
+    return Room(await new_group(db, owner, member), owner, member, outsider)
 
 
 async def send(db: asyncpg.Pool, thread_id: str, user_id: str, content: str = "hi") -> str:

@@ -25,7 +25,7 @@ from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION as MESSAGES
 from services.messages.user_view import decode_cursor, encode_cursor
 from tests.conftest import running
-from tests.factories import new_users, send
+from tests.factories import new_group, new_users, send
 from tests.rpc_errors import error_info, violated_fields
 
 Event = messages_pb2.StreamUserEventsResponse
@@ -476,14 +476,7 @@ async def test_a_slow_user_stream_is_cut_off_with_a_resumable_code(
     monkeypatch.setenv("STREAM_BUFFER_EVENTS", "4")
     settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=0)
     alice, bob = await new_users(db_pool, 2)
-    thread = await db_pool.fetchval("INSERT INTO threads (name) VALUES ('t') RETURNING id")
-    await db_pool.execute(
-        "INSERT INTO thread_participants (thread_id, user_id, role) "
-        "VALUES ($1, $2, 'owner'), ($1, $3, 'member')",
-        thread,
-        uuid.UUID(alice),
-        uuid.UUID(bob),
-    )
+    thread = uuid.UUID(await new_group(db_pool, alice, bob))
     # A reader with a small, fixed flow-control window stops reading.
     slow_options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16_384)]
     async with (

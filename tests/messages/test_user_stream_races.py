@@ -24,7 +24,7 @@ from services.messages.streams import StreamHub
 from services.messages.streams.users import UserStreams
 from services.messages.user_view import encode_cursor
 from tests.conftest import running
-from tests.factories import new_users, send
+from tests.factories import new_group, new_users, send
 from tests.messages.test_user_stream import WAIT_S, Follower, as_user, kind, sequenced
 from tests.rpc_errors import error_info
 
@@ -169,14 +169,7 @@ async def test_pruning_past_a_lagging_process_expires_its_streams(
     alice, bob = await new_users(db_pool, 2)
     stream = Follower(channel, alice)
     await stream.caught_up()
-    thread = await db_pool.fetchval("INSERT INTO threads (name) VALUES ('t') RETURNING id")
-    await db_pool.execute(
-        "INSERT INTO thread_participants (thread_id, user_id, role) "
-        "VALUES ($1, $2, 'owner'), ($1, $3, 'member')",
-        thread,
-        uuid.UUID(bob),
-        uuid.UUID(alice),
-    )
+    thread = uuid.UUID(await new_group(db_pool, bob, alice))
     assert kind(await stream.next_kind("participant_added")) == "thread_joined"
     held = await locked(db_pool, "messages")  # the process's log reads wait here
     if removed:

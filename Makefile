@@ -8,16 +8,17 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-db test-compose bench soak lint proto venv clean help
+.PHONY: run test test-db test-compose bench soak lint proto release-protos venv clean help
 
 help:
 	@echo "make run     start PostgreSQL (embedded unless DATABASE_URL is set) and the three services"
 	@echo "make test    run the whole test suite against a real PostgreSQL"
-	@echo "make lint    ruff, mypy, buf lint, squawk"
+	@echo "make lint    ruff, mypy, buf lint, buf breaking (against protos/released/), squawk"
 	@echo "make bench   benchmark the hot paths against their ceilings (BENCH_ARGS=--scale 2)"
 	@echo "make soak    mixed traffic through the three services, then leak checks (SOAK_ARGS=--duration 300 --streams 50 --writers 8)"
 	@echo "make test-compose  the integration suite against the docker compose stack"
 	@echo "make proto   regenerate gen/ from protos/"
+	@echo "make release-protos  record protos/ as the released API that make lint checks against"
 
 venv: $(STAMP)
 
@@ -57,10 +58,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && $(abspath $(BIN))/buf lint
+	$(BIN)/buf breaking protos --against $(RELEASED_PROTOS) --exclude-imports
 	$(PY) -m db.squawk
 
 proto: $(STAMP)
 	$(PY) protos/generate.py
+
+# The released API that `make lint` (and tests/test_static_checks.py) checks
+# protos/ against with `buf breaking` (the FILE rules of protos/buf.yaml). Run it
+# only when a release is cut, on purpose (README, "Changing the API").
+RELEASED_PROTOS := protos/released/chat.binpb
+
+release-protos: $(STAMP)
+	$(BIN)/buf build protos --exclude-source-info -o $(RELEASED_PROTOS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -28,7 +28,14 @@ class DomainError(Exception):
     """Base of every error a caller is meant to see."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # The reason when none is given: the status code's name, unless a class names
+    # a more precise one (each reason is listed in protos/chat/v1/errors.proto).
     default_reason = "UNKNOWN"
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        if "default_reason" not in cls.__dict__:
+            cls.default_reason = cls.code.name
 
     def __init__(
         self,
@@ -64,7 +71,6 @@ class DomainError(Exception):
 
 class InvalidArgument(DomainError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
 
     def __init__(
         self,
@@ -96,7 +102,6 @@ class InvalidArgument(DomainError):
 
 class NotFound(DomainError):
     code = grpc.StatusCode.NOT_FOUND
-    default_reason = "NOT_FOUND"
 
     def __init__(self, resource_type: str, resource_name: str, message: str | None = None) -> None:
         self.resource_type = resource_type
@@ -113,7 +118,6 @@ class AlreadyExists(DomainError):
     """A unique value is taken; `field` names the request field that collided."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
 
     def __init__(self, field: str, message: str | None = None) -> None:
         self.field = field
@@ -131,7 +135,6 @@ class AlreadyExists(DomainError):
 
 class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
 
     def __init__(self, message: str, *, reason: str | None = None, subject: str = "") -> None:
         self.subject = subject
@@ -149,12 +152,10 @@ class FailedPrecondition(DomainError):
 
 class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    default_reason = "PERMISSION_DENIED"
 
 
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
 
 
 class _Retryable(DomainError):
@@ -177,7 +178,6 @@ class ResourceExhausted(_Retryable):
     """A limit was hit; `retry_after_s` adds a google.rpc.RetryInfo hint."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(_Retryable):
@@ -187,7 +187,6 @@ class Unavailable(_Retryable):
     """
 
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "UNAVAILABLE"
 
 
 class DatabaseUnavailable(Unavailable):
@@ -207,24 +206,20 @@ class Aborted(_Retryable):
     written; retry the call, after `retry_after_s` (a google.rpc.RetryInfo)."""
 
     code = grpc.StatusCode.ABORTED
-    default_reason = "ABORTED"
 
 
 class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
 
 
 class Unimplemented(DomainError):
     code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "UNIMPLEMENTED"
 
 
 class Internal(DomainError):
     """What every unexpected failure becomes: no internals in the message."""
 
     code = grpc.StatusCode.INTERNAL
-    default_reason = "INTERNAL"
 
     def __init__(self) -> None:
         super().__init__("internal error")

@@ -31,15 +31,16 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolAcquireContext, PoolConnectionProxy
 
 from services.common.metrics import observe_query
 from services.common.settings import DatabaseSettings
+from services.common.types import DbConnection
 
 
 class PoolAcquireTimeout(TimeoutError):
@@ -291,6 +292,10 @@ class _BoundedAcquire(_AcquireContext):
                 )
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
 class BoundedPool(asyncpg.Pool):
     """asyncpg's pool whose every acquire waits at most DB_POOL_ACQUIRE_TIMEOUT.
 
@@ -313,6 +318,42 @@ class BoundedPool(asyncpg.Pool):
         return _BoundedAcquire(
             self, self._acquire_timeout_s if timeout is None else timeout, locking
         )
+
+    # One call's work on one connection, like Synapse's runInteraction: the
+    # servicers hand a store function and its arguments, never hold a connection.
+    async def run(
+        self,
+        work: Callable[Concatenate[DbConnection, _P], Awaitable[_T]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """`work(conn, ...)` on a pooled connection, in autocommit."""
+        async with self.acquire() as conn:
+            return await work(conn, *args, **kwargs)
+
+    async def run_in_transaction(
+        self,
+        work: Callable[Concatenate[DbConnection, _P], Awaitable[_T]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """`work(conn, ...)` in one transaction."""
+        async with self.acquire() as conn, conn.transaction():
+            return await work(conn, *args, **kwargs)
+
+    async def run_locking(
+        self,
+        key: Hashable,
+        work: Callable[Concatenate[DbConnection, _P], Awaitable[_T]],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """`work(conn, ...)` that will wait on the row lock `key` (see `acquire`)."""
+        async with self.acquire(locking=key) as conn:
+            return await work(conn, *args, **kwargs)
 
     def acquire_timeout_error(self, timeout_s: float | None) -> PoolAcquireTimeout:
         busy = self.get_idle_size() == 0 and self.get_size() >= self.get_max_size()

@@ -22,6 +22,14 @@ def parse_uuid(value: str, field: str) -> UUID:
         raise InvalidArgument.field(field, "must be a UUID") from None
 
 
+def parse_uuids(**fields: str) -> list[UUID]:
+    """Required UUID fields, by name: one INVALID_ARGUMENT naming every bad one."""
+    violations = Violations()
+    found = [violations.check_uuid(value, field) for field, value in fields.items()]
+    violations.raise_if_any()
+    return [value for value in found if value is not None]
+
+
 # google.protobuf.Timestamp's own range: 0001-01-01 to 9999-12-31, nanos 0..999,999,999.
 TIMESTAMP_MIN_SECONDS = -62_135_596_800
 TIMESTAMP_MAX_SECONDS = 253_402_300_799

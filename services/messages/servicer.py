@@ -7,6 +7,7 @@ permission decision is made there), calls the store and converts the result.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Concatenate, ParamSpec
 
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
@@ -17,12 +18,12 @@ from services.common.pagination import PageCodec, Params, TimeId
 from services.common.pool import BoundedPool
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
-from services.messages import changes, paging, policy, store
+from services.messages import changes, paging, policy, reads, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
-from services.messages.paging import Listing, PageRequest, page_request
+from services.messages.paging import Listing, page_request
 from services.messages.settings import MessagesSettings
-from services.messages.store import Page
+from services.messages.store import Page, Window
 from services.messages.streams import StreamHub
 from services.messages.user_view import decode_cursor as decode_user_cursor
 from services.messages.validation import (
@@ -31,6 +32,8 @@ from services.messages.validation import (
     check_content,
     metadata_of,
 )
+
+_P = ParamSpec("_P")
 
 
 class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
@@ -61,17 +64,17 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         policy.check_sender(caller, user_id)
         # A send waits for its thread's row lock: at most DB_ROW_LOCK_WAITERS per thread
         # hold a connection for it (services/common/pool.py).
-        async with self._pool.acquire(locking=thread_id) as conn:
-            outcome, message = await store.send(
-                conn,
-                thread_id=thread_id,
-                user_id=user_id,
-                content=request.content,
-                parent_id=parent_id,
-                metadata=metadata,
-                request_id=request_id,
-                attachments=attachments,
-            )
+        outcome, message = await self._pool.run_locking(
+            thread_id,
+            store.send,
+            thread_id=thread_id,
+            user_id=user_id,
+            content=request.content,
+            parent_id=parent_id,
+            metadata=metadata,
+            request_id=request_id,
+            attachments=attachments,
+        )
         if message is None:
             raise policy.send_refusal(outcome, caller, thread_id, user_id)
         return messages_pb2.SendMessageResponse(message=message_to_proto(message))
@@ -80,8 +83,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         self, request: messages_pb2.GetMessageRequest, context: Context
     ) -> messages_pb2.GetMessageResponse:
         message_id = parse_uuid(request.id, "id")
-        async with self._pool.acquire() as conn:
-            message = await policy.readable_message(conn, caller_of(context), message_id)
+        message = await self._pool.run(policy.readable_message, caller_of(context), message_id)
         return messages_pb2.GetMessageResponse(message=message_to_proto(message))
 
     async def _listing(
@@ -89,42 +91,36 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         codec: PageCodec[TimeId],
         params: Params,
         request: Listing,
-        read: Callable[[DbConnection, PageRequest], Awaitable[Page]],
+        read: Callable[Concatenate[DbConnection, Window, _P], Awaitable[Page]],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
     ) -> tuple[list[messages_pb2.Message], str]:
-        """One page of a listing: `read` authorizes and reads it on one connection."""
+        """One page of a listing: `read` (from reads.py) authorizes and reads it."""
         max_bytes = self._settings.list_response_max_bytes
         want = page_request(codec, params, request.page_size, request.page_token, max_bytes)
-        async with self._pool.acquire() as conn:
-            page = await read(conn, want)
-        return want.finish(page)
+        return want.finish(await self._pool.run(read, want.window, *args, **kwargs))
 
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
     ) -> messages_pb2.ListMessagesResponse:
         thread_id = parse_uuid(request.thread_id, "thread_id")
-        caller = caller_of(context)
-
-        async def read(conn: DbConnection, want: PageRequest) -> Page:
-            await policy.readable_thread(conn, caller, thread_id)
-            return await store.list_history(conn, thread_id, want.window)
-
+        params = {"thread": str(thread_id)}
         found, token = await self._listing(
-            paging.HISTORY, {"thread": str(thread_id)}, request, read
+            paging.HISTORY, params, request, reads.history, caller_of(context), thread_id
         )
         return messages_pb2.ListMessagesResponse(messages=found, next_page_token=token)
 
     async def ListReplies(
         self, request: messages_pb2.ListRepliesRequest, context: Context
     ) -> messages_pb2.ListRepliesResponse:
-        parent_id = parse_uuid(request.parent_id, "parent_id")
-        caller = caller_of(context)
-
-        async def read(conn: DbConnection, want: PageRequest) -> Page:
-            await policy.readable_message(conn, caller, parent_id)
-            return await store.list_replies(conn, parent_id, want.window)
-
+        parent = parse_uuid(request.parent_id, "parent_id")
         found, token = await self._listing(
-            paging.REPLIES, {"parent": str(parent_id)}, request, read
+            paging.REPLIES,
+            {"parent": str(parent)},
+            request,
+            reads.replies,
+            caller_of(context),
+            parent,
         )
         return messages_pb2.ListRepliesResponse(messages=found, next_page_token=token)
 
@@ -132,13 +128,9 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         self, request: messages_pb2.ListUserMessagesRequest, context: Context
     ) -> messages_pb2.ListUserMessagesResponse:
         user_id = parse_uuid(request.user_id, "user_id")
-        policy.check_own_listing(caller_of(context), user_id)
-
-        async def read(conn: DbConnection, want: PageRequest) -> Page:
-            return await store.list_user_messages(conn, user_id, want.window)
-
+        params = {"user": str(user_id)}
         found, token = await self._listing(
-            paging.USER_HISTORY, {"user": str(user_id)}, request, read
+            paging.USER_HISTORY, params, request, reads.user_messages, caller_of(context), user_id
         )
         return messages_pb2.ListUserMessagesResponse(messages=found, next_page_token=token)
 
@@ -156,22 +148,23 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         if "metadata" in paths:
             metadata = metadata_of(v, request.message.metadata, self._settings, "message.metadata")
         v.raise_if_any()
-        async with self._pool.acquire(locking=message_id) as conn:
-            edited = await changes.edit_message(
-                conn,
-                caller_of(context),
-                message_id,
-                content=content,
-                metadata=("metadata" in paths, metadata),
-            )
+        edited = await self._pool.run_locking(
+            message_id,
+            changes.edit_message,
+            caller_of(context),
+            message_id,
+            content=content,
+            metadata=("metadata" in paths, metadata),
+        )
         return messages_pb2.UpdateMessageResponse(message=message_to_proto(edited))
 
     async def DeleteMessage(
         self, request: messages_pb2.DeleteMessageRequest, context: Context
     ) -> messages_pb2.DeleteMessageResponse:
         message_id = parse_uuid(request.id, "id")
-        async with self._pool.acquire(locking=message_id) as conn:
-            message = await changes.delete_message(conn, caller_of(context), message_id)
+        message = await self._pool.run_locking(
+            message_id, changes.delete_message, caller_of(context), message_id
+        )
         return messages_pb2.DeleteMessageResponse(message=message_to_proto(message))
 
     async def AddAttachment(
@@ -181,22 +174,21 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v = Violations()
         attachment = attachment_of(v, request.attachment, self._settings, "attachment")
         v.raise_if_any()
-        async with self._pool.acquire(locking=message_id) as conn:
-            row = await changes.attach(
-                conn,
-                caller_of(context),
-                message_id,
-                attachment,
-                max_attachments=self._settings.max_attachments,
-            )
+        row = await self._pool.run_locking(
+            message_id,
+            changes.attach,
+            caller_of(context),
+            message_id,
+            attachment,
+            max_attachments=self._settings.max_attachments,
+        )
         return messages_pb2.AddAttachmentResponse(attachment=attachment_to_proto(row))
 
     async def ListAttachments(
         self, request: messages_pb2.ListAttachmentsRequest, context: Context
     ) -> messages_pb2.ListAttachmentsResponse:
         message_id = parse_uuid(request.message_id, "message_id")
-        async with self._pool.acquire() as conn:
-            message = await policy.readable_message(conn, caller_of(context), message_id)
+        message = await self._pool.run(policy.readable_message, caller_of(context), message_id)
         return messages_pb2.ListAttachmentsResponse(
             attachments=[attachment_to_proto(a) for a in message.attachments]
         )
@@ -214,13 +206,10 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v.raise_if_any()
         assert contains is not None
 
-        async def read(conn: DbConnection, want: PageRequest) -> Page:
-            if thread_id is not None:
-                await policy.readable_thread(conn, caller, thread_id)
-            return await store.search(conn, contains, thread_id, want.window)
-
         params = {"thread": str(thread_id), "contains": contains}
-        found, token = await self._listing(paging.SEARCH, params, request, read)
+        found, token = await self._listing(
+            paging.SEARCH, params, request, reads.search, caller, contains, thread_id
+        )
         return messages_pb2.SearchMessagesResponse(messages=found, next_page_token=token)
 
     async def StreamThreadMessages(

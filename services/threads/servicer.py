@@ -25,8 +25,8 @@ from services.common.thread_protos import (
     thread_to_proto,
 )
 from services.common.types import Context
-from services.common.validation import Violations, parse_timestamp, parse_uuid
-from services.threads import policy, store
+from services.common.validation import Violations, parse_timestamp, parse_uuid, parse_uuids
+from services.threads import changes, policy, store
 from services.threads.typing_limit import TypingLimiter, TypingSettings
 
 NAME_MAX = 255
@@ -69,9 +69,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         others = [u for u in _user_ids(request.participant_ids, "participant_ids") if u != creator]
         policy.may_create_group(caller_of(context), creator)
         members = {creator: Role.OWNER, **dict.fromkeys(others, Role.MEMBER)}
-        async with self._pool.acquire() as conn, conn.transaction():
-            await store.lock_users(conn, list(members))
-            thread, participants = await store.create_group(conn, request.name or None, members)
+        thread, participants = await self._pool.run(
+            changes.create_group, request.name or None, members
+        )
         return threads_pb2.CreateThreadResponse(
             thread=thread_to_proto(thread),
             participants=[participant_to_proto(p) for p in participants],
@@ -84,9 +84,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         if len(ids) != 2 or len(request.user_ids) != 2:
             raise InvalidArgument.field("user_ids", "must name exactly two distinct users")
         policy.may_open_direct(caller_of(context), ids)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await store.lock_users(conn, ids)
-            thread, created = await store.get_or_create_direct(conn, ids[0], ids[1])
+        thread, created = await self._pool.run(changes.open_direct, ids)
         return threads_pb2.GetOrCreateDirectThreadResponse(
             thread=thread_to_proto(thread), created=created
         )
@@ -95,8 +93,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         self, request: threads_pb2.GetThreadRequest, context: Context
     ) -> threads_pb2.GetThreadResponse:
         thread_id = parse_uuid(request.id, "id")
-        async with self._pool.acquire() as conn:
-            access = await policy.readable(conn, caller_of(context), thread_id)
+        access = await self._pool.run(policy.readable, caller_of(context), thread_id)
         return threads_pb2.GetThreadResponse(thread=thread_to_proto(access.thread))
 
     async def ListThreads(
@@ -107,14 +104,13 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         policy.acts_as(caller_of(context), user_id)
         params = {"user": str(user_id), "archived": request.include_archived}
         page = INBOX_PAGES.page(size, request.page_token, params)
-        async with self._pool.acquire() as conn:
-            found = await store.inbox(
-                conn,
-                user_id,
-                include_archived=request.include_archived,
-                after=page.after,
-                limit=page.fetch,
-            )
+        found = await self._pool.run(
+            store.inbox,
+            user_id,
+            include_archived=request.include_archived,
+            after=page.after,
+            limit=page.fetch,
+        )
         rows, token = page.finish(found, lambda row: (row.activity_at, row.thread.id))
         return threads_pb2.ListThreadsResponse(
             threads=[
@@ -138,26 +134,23 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         if "name" in paths:
             violations.check_name(request.thread.name, "thread.name", max_len=NAME_MAX)
         violations.raise_if_any()
-        unarchives = "is_archived" in paths and not request.thread.is_archived
-        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
-            await policy.may_update_thread(
-                conn, caller_of(context), thread_id, renames="name" in paths, unarchives=unarchives
-            )
-            updated = await store.update_thread(
-                conn,
-                thread_id,
-                name=("name" in paths, request.thread.name or None),
-                archived=("is_archived" in paths, request.thread.is_archived),
-            )
+        updated = await self._pool.run_locking(
+            thread_id,
+            changes.update_thread,
+            caller_of(context),
+            thread_id,
+            name=("name" in paths, request.thread.name or None),
+            archived=("is_archived" in paths, request.thread.is_archived),
+        )
         return threads_pb2.UpdateThreadResponse(thread=thread_to_proto(updated))
 
     async def DeleteThread(
         self, request: threads_pb2.DeleteThreadRequest, context: Context
     ) -> threads_pb2.DeleteThreadResponse:
         thread_id = parse_uuid(request.id, "id")
-        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
-            await policy.may_delete_thread(conn, caller_of(context), thread_id)
-            await store.delete_thread(conn, thread_id)
+        await self._pool.run_locking(
+            thread_id, changes.delete_thread, caller_of(context), thread_id
+        )
         return threads_pb2.DeleteThreadResponse()
 
     async def AddParticipants(
@@ -168,11 +161,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         if not ids:
             raise InvalidArgument.field("user_ids", "name at least one user")
         role = _role_of(request.role, "role", Role.MEMBER)
-        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
-            await store.lock_users(conn, ids)  # before the thread: the lock order
-            await policy.may_add_participants(conn, caller_of(context), thread_id, role)
-            await store.add_participants(conn, thread_id, dict.fromkeys(ids, role))
-            rows = await store.participants_of(conn, thread_id, ids)
+        rows = await self._pool.run_locking(
+            thread_id, changes.add_participants, caller_of(context), thread_id, ids, role
+        )
         return threads_pb2.AddParticipantsResponse(
             participants=[participant_to_proto(p) for p in rows]
         )
@@ -182,12 +173,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     ) -> threads_pb2.RemoveParticipantResponse:
         thread_id = parse_uuid(request.thread_id, "thread_id")
         user_id = parse_uuid(request.user_id, "user_id")
-        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
-            caller = caller_of(context)
-            await policy.may_remove_participant(conn, caller, thread_id, user_id)
-            await store.remove_participant(
-                conn, thread_id, user_id, by_themselves=caller.is_user(user_id)
-            )
+        await self._pool.run_locking(
+            thread_id, changes.remove_participant, caller_of(context), thread_id, user_id
+        )
         return threads_pb2.RemoveParticipantResponse()
 
     async def UpdateParticipant(
@@ -198,9 +186,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         if request.role == threads_pb2.PARTICIPANT_ROLE_UNSPECIFIED:
             raise InvalidArgument.field("role", "is required")
         role = _role_of(request.role, "role", Role.MEMBER)
-        async with self._pool.acquire(locking=thread_id) as conn, conn.transaction():
-            await policy.may_set_role(conn, caller_of(context), thread_id, user_id, role)
-            updated = await store.set_role(conn, thread_id, user_id, role)
+        updated = await self._pool.run_locking(
+            thread_id, changes.set_role, caller_of(context), thread_id, user_id, role
+        )
         return threads_pb2.UpdateParticipantResponse(participant=participant_to_proto(updated))
 
     async def ListParticipants(
@@ -209,9 +197,9 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
         thread_id = parse_uuid(request.thread_id, "thread_id")
         size = page_size_of(request.page_size)
         page = PARTICIPANT_PAGES.page(size, request.page_token, {"thread": str(thread_id)})
-        async with self._pool.acquire() as conn:
-            await policy.readable(conn, caller_of(context), thread_id)
-            found = await store.list_participants(conn, thread_id, page.after, page.fetch)
+        found = await self._pool.run(
+            changes.participants, caller_of(context), thread_id, page.after, page.fetch
+        )
         rows, token = page.finish(found, lambda row: row.user_id)
         return threads_pb2.ListParticipantsResponse(
             participants=[participant_to_proto(p) for p in rows], next_page_token=token
@@ -227,8 +215,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             parse_timestamp(request.read_at, "read_at") if request.HasField("read_at") else None
         )
         # Waits for the thread row (a share lock, see store.MARK_READ).
-        async with self._pool.acquire(locking=thread_id) as conn:
-            row = await store.mark_read(conn, thread_id, user_id, read_at)
+        row = await self._pool.run_locking(thread_id, store.mark_read, thread_id, user_id, read_at)
         return threads_pb2.MarkReadResponse(participant=participant_to_proto(row))
 
     async def GetUnreadCount(
@@ -236,8 +223,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     ) -> threads_pb2.GetUnreadCountResponse:
         user_id = parse_uuid(request.user_id, "user_id")
         policy.acts_as(caller_of(context), user_id)
-        async with self._pool.acquire() as conn:
-            total, threads, capped = await store.unread_totals(conn, user_id)
+        total, threads, capped = await self._pool.run(store.unread_totals, user_id)
         return threads_pb2.GetUnreadCountResponse(
             total_unread=total, unread_threads=threads, capped=capped
         )
@@ -245,11 +231,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     async def SendTyping(
         self, request: threads_pb2.SendTypingRequest, context: Context
     ) -> threads_pb2.SendTypingResponse:
-        violations = Violations()
-        thread_id = violations.check_uuid(request.thread_id, "thread_id")
-        user_id = violations.check_uuid(request.user_id, "user_id")
-        violations.raise_if_any()
-        assert thread_id is not None and user_id is not None
+        thread_id, user_id = parse_uuids(thread_id=request.thread_id, user_id=request.user_id)
         caller = caller_of(context)
         policy.acts_as(caller, user_id)
         async with self._pool.acquire() as conn:

@@ -44,17 +44,13 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     async def CreateUser(
         self, request: users_pb2.CreateUserRequest, context: Context
     ) -> users_pb2.CreateUserResponse:
-        fields = new_user(request.user)
-        async with self._pool.acquire() as conn:
-            row = await store.create_user(conn, fields)
+        row = await self._pool.run(store.create_user, new_user(request.user))
         return users_pb2.CreateUserResponse(user=user_to_proto(row))
 
     async def GetUser(
         self, request: users_pb2.GetUserRequest, context: Context
     ) -> users_pb2.GetUserResponse:
-        user_id = parse_uuid(request.id, "id")
-        async with self._pool.acquire() as conn:
-            row = await store.get_user(conn, user_id)
+        row = await self._pool.run(store.get_user, parse_uuid(request.id, "id"))
         return users_pb2.GetUserResponse(user=user_to_proto(row))
 
     async def LookupUser(
@@ -72,8 +68,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         else:
             violations.add("key", "set email or username")
         violations.raise_if_any()
-        async with self._pool.acquire() as conn:
-            row = await store.lookup_user(conn, email=email or "", username=username or "")
+        row = await self._pool.run(store.lookup_user, email=email or "", username=username or "")
         return users_pb2.LookupUserResponse(user=user_to_proto(row))
 
     async def BatchGetUsers(
@@ -85,8 +80,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         ids = [violations.check_uuid(raw, f"ids[{i}]") for i, raw in enumerate(request.ids)]
         violations.raise_if_any()
         wanted = [i for i in ids if i is not None]
-        async with self._pool.acquire() as conn:
-            found = await store.batch_get_users(conn, wanted)
+        found = await self._pool.run(store.batch_get_users, wanted)
         return users_pb2.BatchGetUsersResponse(
             users=[user_to_proto(found[i]) for i in wanted if i in found],
             missing_ids=[str(i) for i in wanted if i not in found],
@@ -101,15 +95,14 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         violations.raise_if_any()
         params = {"query": request.query.lower(), "inactive": request.include_inactive}
         page = USER_PAGES.page(size, request.page_token, params)
-        async with self._pool.acquire() as conn:
-            found = await store.list_users(
-                conn,
-                after_username=page.after,
-                include_inactive=request.include_inactive,
-                query=request.query,
-                identity_query=identity_form(request.query),
-                limit=page.fetch,
-            )
+        found = await self._pool.run(
+            store.list_users,
+            after_username=page.after,
+            include_inactive=request.include_inactive,
+            query=request.query,
+            identity_query=identity_form(request.query),
+            limit=page.fetch,
+        )
         listed, token = page.finish(found, lambda item: item.sort_key)
         return users_pb2.ListUsersResponse(
             users=[user_to_proto(item.user) for item in listed], next_page_token=token
@@ -136,8 +129,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
             profile_image=user.profile_image or None,
             is_active=user.is_active,
         )
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await store.update_user(conn, user_id, changes)
+        row = await self._pool.run_in_transaction(store.update_user, user_id, changes)
         return users_pb2.UpdateUserResponse(user=user_to_proto(row))
 
     async def DeleteUser(
@@ -145,8 +137,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     ) -> users_pb2.DeleteUserResponse:
         user_id = parse_uuid(request.id, "id")
         policy.may_change(caller_of(context), user_id)
-        async with self._pool.acquire() as conn, conn.transaction():
-            await store.delete_user(conn, user_id)
+        await self._pool.run_in_transaction(store.delete_user, user_id)
         return users_pb2.DeleteUserResponse()
 
     async def RecordLogin(
@@ -154,6 +145,5 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     ) -> users_pb2.RecordLoginResponse:
         user_id = parse_uuid(request.id, "id")
         policy.may_change(caller_of(context), user_id)
-        async with self._pool.acquire() as conn:
-            row = await store.record_login(conn, user_id)
+        row = await self._pool.run(store.record_login, user_id)
         return users_pb2.RecordLoginResponse(user=user_to_proto(policy.logged_in(row, user_id)))

@@ -99,20 +99,15 @@ BATCH_GET = named(
     FROM users WHERE id = ANY ($1::uuid[])
     """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
 )
-# All users in lower(username) order. `~>~`/`~<~` are the byte-wise operators of
-# the text_pattern_ops index idx_users_username, so the scan walks that index.
-# sort_key is the page token's position, lowered by the same lower() as the index.
-LIST = named(
-    "users.list",
-    f"""
-    SELECT {USER_COLUMNS}, lower(username) AS sort_key
-    FROM users
-    WHERE ($1::text IS NULL OR lower(username) ~>~ $1)
-      AND (is_active OR $2)
-    ORDER BY lower(username) USING ~<~
-    LIMIT $3
-    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
-)
+# Both listings page through users in lower(username) order. `~>~`/`~<~` are the
+# byte-wise operators of the text_pattern_ops index idx_users_username, so the
+# scan walks that index. sort_key is the page token's position, lowered by the
+# same lower() as the index; $1 is the position to continue after, $2 whether
+# deactivated users are included.
+_PAGE_SELECT = f"SELECT {USER_COLUMNS}, lower(username) AS sort_key FROM users"  # noqa: S608
+_PAGE_RULE = """($1::text IS NULL OR lower(username) ~>~ $1) AND (is_active OR $2)
+    ORDER BY lower(username) USING ~<~"""
+LIST = named("users.list", f"{_PAGE_SELECT} WHERE {_PAGE_RULE} LIMIT $3")
 # Prefix search: one index range scan per column, OR-ed into a bitmap, then the
 # page is sorted by username. The query is lowered here by PostgreSQL's lower(),
 # the function the indexes hold, never in Python (str.lower() and lower() differ
@@ -125,19 +120,16 @@ LIST = named(
 SEARCH = named(
     "users.search",
     f"""
-    SELECT {USER_COLUMNS}, lower(username) AS sort_key
-    FROM users
+    {_PAGE_SELECT}
     WHERE ((lower(username) ~>=~ lower($3) AND lower(username) ~<~ (lower($3) || chr(1114111)))
         OR (lower(email) ~>=~ lower($3) AND lower(email) ~<~ (lower($3) || chr(1114111)))
         OR (lower(first_name) ~>=~ lower($4)
             AND lower(first_name) ~<~ (lower($4) || chr(1114111)))
         OR (lower(last_name) ~>=~ lower($4)
             AND lower(last_name) ~<~ (lower($4) || chr(1114111))))
-      AND ($1::text IS NULL OR lower(username) ~>~ $1)
-      AND (is_active OR $2)
-    ORDER BY lower(username) USING ~<~
+      AND {_PAGE_RULE}
     LIMIT $5
-    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
+    """,
 )
 # One static statement for every mask: each column keeps its value unless its flag is set.
 UPDATE = named(

@@ -1,7 +1,8 @@
 """The error contract: every ErrorInfo.reason the services can send is a value of
 chat.v1.ErrorReason (protos/chat/v1/errors.proto), with one status code each, the
 one its comment there names. Read from the source: every `reason="..."` given to
-an error class, and every class's `default_reason`."""
+an error class; and every error class's `default_reason` (its code's name unless
+it names another)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,6 @@ def emitted() -> dict[str, set[str]]:
     for path in sorted((REPO / "services").rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef):
-                for item in node.body:
-                    if (
-                        isinstance(item, ast.Assign)
-                        and [t.id for t in item.targets if isinstance(t, ast.Name)]
-                        == ["default_reason"]
-                        and isinstance(item.value, ast.Constant)
-                    ):
-                        code = getattr(errors, node.name).code.name
-                        found.setdefault(str(item.value.value), set()).add(code)
             if isinstance(node, ast.Call):
                 for keyword in node.keywords:
                     if keyword.arg == "reason" and isinstance(keyword.value, ast.Constant):
@@ -42,7 +33,14 @@ def emitted() -> dict[str, set[str]]:
                         cls = getattr(errors, name.id, None)
                         assert cls is not None, f"{path}: reason given to {name.id}"
                         found.setdefault(str(keyword.value.value), set()).add(cls.code.name)
+    for cls in error_classes(errors.DomainError):
+        found.setdefault(cls.default_reason, set()).add(cls.code.name)
     return found
+
+
+def error_classes(base: type[errors.DomainError]) -> list[type[errors.DomainError]]:
+    below = base.__subclasses__()
+    return [base, *(cls for sub in below for cls in error_classes(sub))]
 
 
 def documented_codes() -> dict[str, str]:
@@ -73,3 +71,5 @@ def test_the_scan_sees_reasons() -> None:
     reasons = emitted()
     assert reasons["CURSOR_EXPIRED"] == {"FAILED_PRECONDITION"}
     assert reasons["USER_INACTIVE"] == {"PERMISSION_DENIED"}
+    assert reasons["SHUTTING_DOWN"] == {"UNAVAILABLE"}
+    assert reasons["NOT_FOUND"] == {"NOT_FOUND"}

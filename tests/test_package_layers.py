@@ -6,6 +6,9 @@
 - No service imports another service (they share services/common only).
 - The benchmark measures through gRPC, the product's public functions or its
   own SQL: it never imports a service's store.
+- The client package (chat_client) is what other teams install to call the
+  services: it depends on the API (the generated `chat.v1`) only, never on the
+  services, the db tool, the tools or the tests.
 """
 
 from __future__ import annotations
@@ -54,7 +57,13 @@ def test_the_shared_runtime_never_imports_the_db_tool() -> None:
 
 
 def test_product_and_tools_never_import_tests() -> None:
-    assert offending(("services", "db", "bench", "devtools"), ("tests",)) == []
+    assert offending(("services", "db", "chat_client", "bench", "devtools"), ("tests",)) == []
+
+
+def test_the_client_package_depends_on_the_api_only() -> None:
+    assert sources("chat_client"), "chat_client has no sources: the check would pass vacuously"
+    forbidden = ("services", "db", "tests", "bench", "devtools")
+    assert offending(("chat_client",), forbidden) == []
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -1,11 +1,16 @@
-"""Health that follows the database: a periodic `SELECT 1` on a connection of its own.
+"""Readiness that follows the database: a periodic probe on a connection of its own.
 
 The server side of health (every service runs this watch); the command-line
 client that asks a server for its health is health_client.py.
 
-After `threshold` consecutive failures the service reports NOT_SERVING; the
-first success reports SERVING again. The process keeps running throughout: the
-pool replaces broken connections on its own once the database answers.
+After `threshold` consecutive failures the service reports NOT_SERVING (for
+the names it is given: readiness; liveness is not among them, see server.py);
+the first success reports SERVING again. The process keeps running throughout:
+the pool replaces broken connections on its own once the database answers.
+
+The probe is `SELECT pg_notification_queue_usage()` rather than `SELECT 1`: as
+cheap, and it feeds the chat_db_notify_queue_usage gauge (a full NOTIFY queue
+makes every committing send fail) without another connection or query.
 
 The probe does not use the pool: a pool that is busy (every connection waiting
 on a locked row, say) says nothing about whether the database answers, and a
@@ -30,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 from grpc_health.v1 import health, health_pb2
 
+from services.common.metrics import NOTIFY_QUEUE_USAGE
 from services.common.pool import QUERY_FAILURES
 
 log = logging.getLogger(__name__)
@@ -73,11 +79,12 @@ class DatabaseHealthWatch:
             async with asyncio.timeout(self._timeout_s):
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await self._connect()
-                await self._conn.fetchval("SELECT 1")
+                usage = await self._conn.fetchval("SELECT pg_notification_queue_usage()")
         except PROBE_FAILURES as exc:
             self._drop()
             log.warning("database health check failed: %s: %s", type(exc).__name__, exc)
             return False
+        NOTIFY_QUEUE_USAGE.set(usage)
         return True
 
     def _drop(self) -> None:

@@ -6,6 +6,8 @@
   statement's stable name (services/common/statement_names.py), never by SQL text.
 - chat_db_pool_connections{state}: pool size, idle, in use, max; and
   chat_db_pool_waiting: acquirers waiting for a connection.
+- chat_db_notify_queue_usage: PostgreSQL's NOTIFY queue, 0..1 full
+  (pg_notification_queue_usage(), read by the health probe).
 The messages service adds its stream gauges and counters to the same registry.
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
-from prometheus_client import REGISTRY, Histogram, start_http_server
+from prometheus_client import REGISTRY, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,6 +41,11 @@ QUERY_DURATION = Histogram(
     "Database query execution time by statement name",
     ["query", "outcome"],
     buckets=LATENCY_BUCKETS,
+)
+
+# The server's whole queue (every database), as seen by this process's last probe.
+NOTIFY_QUEUE_USAGE = Gauge(
+    "chat_db_notify_queue_usage", "Fraction of PostgreSQL's NOTIFY queue in use (0..1)"
 )
 
 

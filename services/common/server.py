@@ -5,6 +5,12 @@ size limits, the standard health service (overall and per-service status) and
 server reflection (so `grpcurl list` / `describe` work), then serves until
 SIGTERM/SIGINT: health goes NOT_SERVING, the server stops accepting, in-flight
 RPCs get the grace period to finish, shutdown hooks run and the pool closes.
+
+Health has two meanings. Readiness, the overall status ("") and the service's
+own name, follows the database (health_watch.py): take this process out of
+rotation while it cannot serve. Liveness, the name `liveness`, is SERVING from
+start until shutdown whatever the database does: a liveness probe on readiness
+would restart every process during a database outage, which cures nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from services.common.settings import MissingDatabaseUrl, ServiceSettings
 log = logging.getLogger(__name__)
 
 ShutdownHook = Callable[[], Awaitable[None]]
+
+# Health service name of liveness (Kubernetes `livenessProbe: grpc: {service: liveness}`).
+LIVENESS = "liveness"
 
 
 @dataclass
@@ -105,7 +114,8 @@ class RunningService:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.runtime.settings.shutdown_grace_s if grace is None else grace
-        # Probes see NOT_SERVING first, so load balancers drain us before we stop.
+        # Probes see NOT_SERVING first (liveness too: the process is ending), so
+        # load balancers drain us before we stop.
         await self.health.enter_graceful_shutdown()
         # Refuse new RPCs first, then end the long-lived ones (streams) with a status
         # clients resume from, so the grace period drains only short unary calls.
@@ -212,7 +222,8 @@ async def start_service(
         await pool.close()
         raise
     names = ("", definition.full_name)
-    for name in names:
+    # Liveness is set once and left to enter_graceful_shutdown(); the watch moves readiness only.
+    for name in (LIVENESS, *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watch = DatabaseHealthWatch(
         functools.partial(connect, settings, f"chat-{definition.name}-health"),

@@ -9,11 +9,14 @@
 
 -- A thread's stream moved on to `p_position` (a message created, edited,
 -- deleted, an attachment added, messages removed): "thread_id:position" on
--- chat_thread_events (channels.ThreadEvent). Delivered at commit.
+-- chat_thread_events (channels.ThreadEvent), with ":traceparent" appended when
+-- the writer's transaction set chat.traceparent (a traced send: the stream's
+-- fan-out span links to it). Delivered at commit.
 CREATE OR REPLACE FUNCTION chat_notify_thread_event(p_thread_id uuid, p_position bigint)
 RETURNS void
 LANGUAGE sql AS $$
-    SELECT pg_notify('chat_thread_events', p_thread_id::text || ':' || p_position::text)
+    SELECT pg_notify('chat_thread_events', p_thread_id::text || ':' || p_position::text
+        || coalesce(':' || nullif(current_setting('chat.traceparent', true), ''), ''))
 $$;
 
 -- Open streams may have to end: {"thread_id": ..., "user_id": ...} on

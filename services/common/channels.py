@@ -30,6 +30,8 @@ class ThreadEvent:
 
     thread_id: UUID
     position: int
+    # The W3C traceparent of the write that caused it, when tracing was on.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +44,11 @@ class MembershipChange:
 
 def parse_thread_event(payload: object) -> ThreadEvent:
     """Raises ValueError for anything chat_notify_thread_event does not send."""
-    thread, sep, position = str(payload).partition(":")
+    thread, sep, rest = str(payload).partition(":")
     if not sep:
         raise ValueError(f"not a thread event: {payload!r}")
-    return ThreadEvent(UUID(thread), int(position))
+    position, _, traceparent = rest.partition(":")
+    return ThreadEvent(UUID(thread), int(position), traceparent or None)
 
 
 def parse_membership_change(payload: object) -> MembershipChange:

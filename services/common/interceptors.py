@@ -29,9 +29,11 @@ import asyncio
 import hmac
 import inspect
 import logging
+import string
 import time
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from services.common import interrupts
+from services.common import interrupts, tracing
 from services.common.errors import (
     Aborted,
     DatabaseUnavailable,
@@ -53,11 +55,32 @@ from services.common.errors import (
     Unimplemented,
 )
 from services.common.identity import Caller, bound_caller, parse_caller
+from services.common.logs import REQUEST_ID
 from services.common.metrics import observe_rpc
 from services.common.pool import CONNECTION_ERRORS, PoolAcquireTimeout, RowLockWaitTimeout
 from services.common.types import Context
 
 log = logging.getLogger("services.rpc")
+
+# Every call has a request id: the caller's, when it is a sane token, or a new
+# one. It is sent back in the response headers and is in every log line of the
+# call (logs.REQUEST_ID) and on its trace span.
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_MAX = 128
+_REQUEST_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_.:/+=")
+
+
+def request_id_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The caller's x-request-id if it is 1..REQUEST_ID_MAX characters of
+    [A-Za-z0-9-_.:/+=], else a new one (a log line is no place for arbitrary
+    caller bytes)."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            if 0 < len(value) <= REQUEST_ID_MAX and _REQUEST_ID_CHARS.issuperset(value):
+                return value
+            break
+    return uuid.uuid4().hex
+
 
 # Methods callable without a token even when AUTH_TOKENS is set: probes and tooling.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -204,7 +227,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         quiet = self._is_open(method)
         call = _CallRecord.start(method, context, quiet=quiet)
         code = grpc.StatusCode.OK
+        metadata = context.invocation_metadata()
+        request_id = request_id_of(metadata)
+        REQUEST_ID.set(request_id)  # this call's task only: every log line carries it
+        span = tracing.start_rpc(method, metadata)
         try:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
             if quiet:
                 return await run()
             async with self._admitted(request, context, needs_token):
@@ -216,11 +244,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             if why is not None:
                 await _drain_write(asyncio.current_task())
             code, error = _classify(why or exc, method, context)
+            code = call.outcome(code)
             if error is None:
                 raise
             await _abort(context, error)
         finally:
             _log_rpc(call, code)
+            tracing.end_rpc(span, code, request_id)
 
     def _unary(self, inner: UnaryBehavior, method: str, needs_token: bool) -> UnaryBehavior:
         async def behavior(request: Any, context: Context) -> Any:
@@ -320,10 +350,23 @@ class _CallRecord:
     peer: str
     started: float
     quiet: bool  # a probe (health, reflection): its routine lines go to DEBUG
+    deadline: float | None  # perf_counter() time of the caller's deadline, if any
 
     @classmethod
     def start(cls, method: str, context: Context, *, quiet: bool) -> _CallRecord:
-        return cls(method, context.peer(), time.perf_counter(), quiet)
+        now = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else now + remaining
+        return cls(method, context.peer(), now, quiet, deadline)
+
+    def outcome(self, code: grpc.StatusCode) -> grpc.StatusCode:
+        """The code to report: gRPC cancels the handler when the deadline passes
+        (and asyncpg then cancels its statement), which is DEADLINE_EXCEEDED for
+        the caller, not a cancellation of theirs."""
+        passed = self.deadline is not None and time.perf_counter() >= self.deadline
+        if code is grpc.StatusCode.CANCELLED and passed:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return code
 
 
 def _classify(
@@ -478,4 +521,11 @@ def _log_rpc(call: _CallRecord, code: grpc.StatusCode) -> None:
             code.name,
             elapsed * 1000,
             call.peer,
+            # The same as fields of their own, for LOG_FORMAT=json.
+            extra={
+                "method": call.method,
+                "code": code.name,
+                "duration_ms": round(elapsed * 1000, 2),
+                "peer": call.peer,
+            },
         )

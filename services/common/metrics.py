@@ -6,7 +6,7 @@
   statement's stable name (services/common/statement_names.py), never by SQL text.
 - chat_db_pool_connections{state}: pool size, idle, in use, max; and
   chat_db_pool_waiting: acquirers waiting for a connection.
-- chat_db_notify_queue_usage: PostgreSQL's NOTIFY queue, 0..1 full
+- chat_db_notify_queue_usage: how full PostgreSQL's notification queue is, 0..1
   (pg_notification_queue_usage(), read by the health probe).
 The messages service adds its stream gauges and counters to the same registry.
 """

@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from services.common import tracing
 from services.common.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from services.common.admin import AdminServicer
 from services.common.health_watch import DatabaseHealthWatch
@@ -269,7 +270,14 @@ def run_service(definition: ServiceDefinition) -> int:
             file=sys.stderr,
         )
         return 2
-    configure_logging(settings.log_level, definition.name, settings.rpc_log_level)
+    configure_logging(
+        settings.log_level, definition.name, settings.rpc_log_level, settings.log_format
+    )
+    try:
+        tracing.configure_tracing(definition.name)
+    except ValueError as exc:
+        print(f"{definition.name}: error: {exc}", file=sys.stderr)
+        return 2
     if not settings.token_list():
         log.warning("AUTH_TOKENS is not set: any caller is accepted (fine for development only)")
     try:
@@ -283,4 +291,6 @@ def run_service(definition: ServiceDefinition) -> int:
     except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
         print(f"{definition.name}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown_tracing()  # export the spans still buffered
     return 0

@@ -6,6 +6,8 @@ for local processes, `make run` and the compose stack.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -91,6 +93,9 @@ class ServiceSettings(DatabaseSettings):
     # client-cancelled INFO, other failures WARNING, INTERNAL/UNKNOWN/DATA_LOSS ERROR),
     # so WARNING keeps only failed calls (interceptors.rpc_log_level).
     rpc_log_level: str = Field(default="INFO", alias="RPC_LOG_LEVEL")
+    # `text` (default): key=value lines for a terminal; `json`: one object per line
+    # (fields in services/common/logs.py).
+    log_format: Literal["text", "json"] = Field(default="text", alias="LOG_FORMAT")
     # Comma-separated bearer tokens of the services allowed to call; unset = open.
     auth_tokens: SecretStr | None = Field(default=None, alias="AUTH_TOKENS")
     # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.

@@ -11,6 +11,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.common import tracing
 from services.common.rows import column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
@@ -91,6 +92,8 @@ SEND = named(
     FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)
     """,  # noqa: S608
 )
+# A traced send's transaction names its trace for its NOTIFY (notify.sql).
+CARRY_TRACE = named("messages.carry_trace", "SELECT set_config('chat.traceparent', $1, true)")
 GET = named(
     "messages.get",
     f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1",  # noqa: S608
@@ -350,13 +353,15 @@ async def send(
         for a in attachments
     ]
     args = (thread_id, user_id, content, parent_id, metadata, request_id, payload)
-    try:
-        record = await conn.fetchrow(SEND, *args)
-    except asyncpg.UniqueViolationError:
-        # The same request_id raced in through another thread and committed first
-        # (the unique index, not the thread lock, caught it): sending again compares
-        # with that message, so the outcome is "duplicate" or "request_id_reused".
-        record = await conn.fetchrow(SEND, *args)
+    traceparent = tracing.current_traceparent()
+    if traceparent is None:
+        record = await _send_row(conn, args)
+    else:
+        # Traced: the send's NOTIFY carries its trace (chat.traceparent, read by
+        # chat_notify_thread_event), which costs a transaction around it.
+        async with conn.transaction():
+            await conn.execute(CARRY_TRACE, traceparent)
+            record = await _send_row(conn, args)
     assert record is not None
     outcome = SendOutcome(record["outcome"])
     if record["id"] is None:
@@ -365,6 +370,19 @@ async def send(
     del columns["outcome"]
     stored = [attachment_from_json(a) for a in columns.pop("attachments")]
     return SendResult(outcome, MessageRow(**columns, attachments=stored))
+
+
+async def _send_row(conn: DbConnection, args: tuple[Any, ...]) -> asyncpg.Record | None:
+    try:
+        if not conn.is_in_transaction():
+            return await conn.fetchrow(SEND, *args)
+        async with conn.transaction():  # a savepoint, so the retry below can run
+            return await conn.fetchrow(SEND, *args)
+    except asyncpg.UniqueViolationError:
+        # The same request_id raced in through another thread and committed first
+        # (the unique index, not the thread lock, caught it): sending again compares
+        # with that message, so the outcome is "duplicate" or "request_id_reused".
+        return await conn.fetchrow(SEND, *args)
 
 
 def attachment_from_json(value: dict[str, Any]) -> AttachmentRow:

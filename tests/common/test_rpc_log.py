@@ -108,6 +108,8 @@ async def test_defaults_log_every_call_at_its_level(
     ok = [x for x in _lines(proc, GET_USER) if " code=OK " in x]
     assert len(ok) == 1 and " INFO users services.rpc: " in ok[0], ok
     assert re.search(r"peer=ipv[46]:", ok[0]), ok[0]
+    # Every line of a call carries its request id (generated: the client sent none).
+    assert re.search(r" request_id=[0-9a-f]{32}$", ok[0].rstrip()), ok[0]
     created = _lines(proc, CREATE_USER)
     assert len(created) == 1 and " code=OK " in created[0], created
     # The health check came first: had it been logged, its line would be here by now.

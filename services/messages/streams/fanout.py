@@ -30,6 +30,7 @@ from uuid import UUID
 import asyncpg
 from prometheus_client import Gauge
 
+from services.common import tracing
 from services.common.errors import (
     DatabaseUnavailable,
     DomainError,
@@ -46,6 +47,8 @@ from services.messages.streams.buffer import StreamBuffer, refuse_past_limit
 
 log = logging.getLogger(__name__)
 
+# At most this many sends' traces are linked from one fan-out span.
+CAUSES_MAX = 32
 OPEN_STREAMS = Gauge("chat_streams_open", "Open StreamThreadMessages streams")
 
 
@@ -80,6 +83,8 @@ class _Feed:
         # events (a membership change, or notifications may have been lost).
         self.recheck = False
         self.task: asyncio.Task[None] | None = None
+        # Traceparents of the writes whose events the next fetch delivers (tracing on).
+        self.causes: list[str] = []
 
 
 class Fanout:
@@ -170,8 +175,11 @@ class Fanout:
 
     # -- news (from the listener) --------------------------------------------
 
-    def thread_changed(self, thread_id: UUID) -> None:
-        """The thread has new events: fetch them."""
+    def thread_changed(self, thread_id: UUID, traceparent: str | None = None) -> None:
+        """The thread has new events: fetch them (`traceparent`: of the write, traced)."""
+        feed = self._feeds.get(thread_id)
+        if traceparent is not None and feed is not None and len(feed.causes) < CAUSES_MAX:
+            feed.causes.append(traceparent)
         self._check_threads((thread_id,))
 
     def membership_changed(self, thread_id: UUID | None, user_id: UUID | None) -> None:
@@ -248,34 +256,39 @@ class Fanout:
         """New events once for every subscriber; then who may still read them."""
         while True:
             recheck, feed.recheck = feed.recheck, False
+            causes, feed.causes = feed.causes, []
             batch = store.EventBatch([], complete=True)
-            async with self._pool.acquire() as conn:
-                if feed.position is not None:
-                    batch = await store.events_after(
-                        conn,
-                        feed.thread_id,
-                        feed.position,
-                        self._settings.stream_fetch_batch,
-                        self._settings.stream_fetch_bytes,
-                    )
-                # Access after events: see the module docstring. Subscribers that
-                # join while a check is in flight are checked in another round.
-                # Whoever receives events is checked; with none to deliver, only
-                # newcomers are (unless a re-check was asked for): admitting N
-                # streams one by one stays linear.
-                everyone = recheck or bool(batch.events)
-                checked: dict[Subscription, store.StreamAccess | None] = {}
-                while pending := [
-                    s
-                    for s in feed.subscribers
-                    if s not in checked and (everyone or s.start_seq is None)
-                ]:
-                    users = {s.user_id for s in pending if s.user_id is not None}
-                    access = await store.stream_access(conn, feed.thread_id, list(users))
-                    checked.update(dict.fromkeys(pending, access))
-                # Still inside the block: releasing the connection awaits, and a
-                # subscriber joining then must not be served unchecked.
-                self._distribute(feed, batch, checked)
+            span = tracing.fanout_span(
+                "chat.stream.fanout", causes, **{"chat.thread_id": str(feed.thread_id)}
+            )
+            with span:
+                async with self._pool.acquire() as conn:
+                    if feed.position is not None:
+                        batch = await store.events_after(
+                            conn,
+                            feed.thread_id,
+                            feed.position,
+                            self._settings.stream_fetch_batch,
+                            self._settings.stream_fetch_bytes,
+                        )
+                    # Access after events: see the module docstring. Subscribers that
+                    # join while a check is in flight are checked in another round.
+                    # Whoever receives events is checked; with none to deliver, only
+                    # newcomers are (unless a re-check was asked for): admitting N
+                    # streams one by one stays linear.
+                    everyone = recheck or bool(batch.events)
+                    checked: dict[Subscription, store.StreamAccess | None] = {}
+                    while pending := [
+                        s
+                        for s in feed.subscribers
+                        if s not in checked and (everyone or s.start_seq is None)
+                    ]:
+                        users = {s.user_id for s in pending if s.user_id is not None}
+                        access = await store.stream_access(conn, feed.thread_id, list(users))
+                        checked.update(dict.fromkeys(pending, access))
+                    # Still inside the block: releasing the connection awaits, and a
+                    # subscriber joining then must not be served unchecked.
+                    self._distribute(feed, batch, checked)
             if batch.complete:
                 return
 

@@ -56,8 +56,8 @@ class StreamHub:
             on_typing=self.users.typing,
         )
 
-    def _thread_changed(self, thread_id: UUID) -> None:
-        self._fanout.thread_changed(thread_id)
+    def _thread_changed(self, thread_id: UUID, traceparent: str | None) -> None:
+        self._fanout.thread_changed(thread_id, traceparent)
         self.users.writes_committed()
 
     def _membership_changed(self, thread_id: UUID | None, user_id: UUID | None) -> None:

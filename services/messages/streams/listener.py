@@ -63,9 +63,10 @@ def _handler(parse: Callable[[object], Parsed], deliver: Callable[[Parsed], None
 
 
 class Listener:
-    """LISTENs on the stream channels and calls back: `on_thread(thread_id)` when a
-    thread has news, `on_membership(thread_id, user_id)` when who may read changed
-    (None: any), `on_log(position)` when the user streams' log moved on,
+    """LISTENs on the stream channels and calls back: `on_thread(thread_id,
+    traceparent)` when a thread has news (the write's traceparent when traced),
+    `on_membership(thread_id, user_id)` when who may read changed (None: any),
+    `on_log(position)` when the user streams' log moved on,
     `on_typing(typing)` when a participant types, `on_reconnect()` when
     notifications may have been lost."""
 
@@ -74,7 +75,7 @@ class Listener:
         database: DatabaseSettings,
         settings: MessagesSettings,
         *,
-        on_thread: Callable[[UUID], None],
+        on_thread: Callable[[UUID, str | None], None],
         on_membership: Callable[[UUID | None, UUID | None], None],
         on_reconnect: Callable[[], None],
         on_log: Callable[[int], None],
@@ -86,7 +87,8 @@ class Listener:
         # Each channel: its parser and what to call with a parsed payload.
         self._handlers: dict[str, _Handler] = {
             channels.THREAD_EVENTS: _handler(
-                channels.parse_thread_event, lambda event: on_thread(event.thread_id)
+                channels.parse_thread_event,
+                lambda event: on_thread(event.thread_id, event.traceparent),
             ),
             channels.MEMBERSHIP: _handler(
                 channels.parse_membership_change,

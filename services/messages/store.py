@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from services.common import tracing
-from services.common.rows import column_list, row_of
+from services.common.rows import UPDATED_AT_ADVANCES, column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -274,9 +274,7 @@ EDIT = named(
     UPDATE messages SET
         content = CASE WHEN $2 THEN $3 ELSE content END,
         metadata = CASE WHEN $4 THEN $5::jsonb ELSE metadata END,
-        status = 'edited',
-        updated_at = greatest(now(), updated_at + interval '1 microsecond'),
-        change_seq = $6
+        status = 'edited', {UPDATED_AT_ADVANCES}, change_seq = $6
     WHERE id = $1 AND status <> 'deleted'
     RETURNING {MESSAGE_COLUMNS}
     """,  # noqa: S608
@@ -285,8 +283,7 @@ TOMBSTONE = named(
     "messages.tombstone",
     f"""
     UPDATE messages SET content = '', metadata = NULL, status = 'deleted',
-        updated_at = greatest(now(), updated_at + interval '1 microsecond'),
-        change_seq = $2
+        {UPDATED_AT_ADVANCES}, change_seq = $2
     WHERE id = $1 AND status <> 'deleted'
     RETURNING {MESSAGE_COLUMNS}
     """,  # noqa: S608
@@ -296,11 +293,7 @@ DROP_ATTACHMENTS = named(
 )
 TOUCH = named(
     "messages.touch",
-    """
-    UPDATE messages SET change_seq = $2,
-        updated_at = greatest(now(), updated_at + interval '1 microsecond')
-    WHERE id = $1
-    """,
+    f"UPDATE messages SET change_seq = $2, {UPDATED_AT_ADVANCES} WHERE id = $1",  # noqa: S608
 )
 INSERT_ATTACHMENT = named(
     "messages.insert_attachment",

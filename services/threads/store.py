@@ -11,7 +11,7 @@ import asyncpg
 
 from services.common.access import THREAD_COLUMNS, ParticipantRow, ThreadRow, thread_row
 from services.common.errors import NotFound
-from services.common.rows import column_list, row_of
+from services.common.rows import column_list, masked_update, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -87,17 +87,7 @@ MEMBERSHIP = named(
     FROM thread_participants WHERE thread_id = $1 AND user_id = $2
     """,  # noqa: S608
 )
-UPDATE = named(
-    "threads.update",
-    f"""
-    UPDATE threads SET
-        name = CASE WHEN $2 THEN $3 ELSE name END,
-        is_archived = CASE WHEN $4 THEN $5 ELSE is_archived END,
-        updated_at = greatest(now(), updated_at + interval '1 microsecond')
-    WHERE id = $1
-    RETURNING {THREAD_COLUMNS}
-    """,  # noqa: S608
-)
+UPDATE = named("threads.update", masked_update("threads", ["name", "is_archived"], THREAD_COLUMNS))
 DELETE = named("threads.delete", "DELETE FROM threads WHERE id = $1")
 NOTIFY = named("threads.notify_membership", "SELECT chat_notify_membership($1, $2)")
 LEAVE_REASON = named("threads.leave_reason", "SELECT set_config('chat.leave_reason', $1, true)")

@@ -34,8 +34,6 @@ from services.users.validation import (
 POSITION_MAX = 4 * USERNAME_MAX
 USER_PAGES = PageCodec(PageKind.USERS, text(POSITION_MAX))
 
-UPDATABLE = ("email", "username", "first_name", "last_name", "profile_image", "is_active")
-
 
 class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
@@ -112,7 +110,7 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.UpdateUserRequest, context: Context
     ) -> users_pb2.UpdateUserResponse:
         user_id = parse_uuid(request.user.id, "user.id")
-        paths = update_paths(request.update_mask, request.user, UPDATABLE)
+        paths = update_paths(request.update_mask, request.user, store.UPDATABLE_COLUMNS)
         violations = Violations()
         user = request.user
         email = check_email(violations, user.email) if "email" in paths else None

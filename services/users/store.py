@@ -10,7 +10,7 @@ from uuid import UUID
 import asyncpg
 
 from services.common.errors import AlreadyExists, NotFound
-from services.common.rows import column_list, row_of
+from services.common.rows import UPDATED_AT_ADVANCES, column_list, masked_update, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
@@ -132,21 +132,9 @@ SEARCH = named(
     """,
 )
 # One static statement for every mask: each column keeps its value unless its flag is set.
-UPDATE = named(
-    "users.update",
-    f"""
-    UPDATE users SET
-        email = CASE WHEN $2 THEN $3 ELSE email END,
-        username = CASE WHEN $4 THEN $5 ELSE username END,
-        first_name = CASE WHEN $6 THEN $7 ELSE first_name END,
-        last_name = CASE WHEN $8 THEN $9 ELSE last_name END,
-        profile_image = CASE WHEN $10 THEN $11 ELSE profile_image END,
-        is_active = CASE WHEN $12 THEN $13 ELSE is_active END,
-        updated_at = greatest(now(), updated_at + interval '1 microsecond')
-    WHERE id = $1
-    RETURNING {USER_COLUMNS}
-    """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
-)
+# The columns UpdateUser's field mask may name (UserChanges has one field each).
+UPDATABLE_COLUMNS = ("email", "username", "first_name", "last_name", "profile_image", "is_active")
+UPDATE = named("users.update", masked_update("users", UPDATABLE_COLUMNS, USER_COLUMNS))
 DELETE = named("users.delete", "DELETE FROM users WHERE id = $1")
 # Before the cascade: the user's messages leave their threads' streams as
 # `removed` events and replies to them lose their parent as `updated` events
@@ -161,8 +149,7 @@ NOTIFY_USER_GONE = named("users.notify_gone", "SELECT chat_notify_membership(NUL
 RECORD_LOGIN = named(
     "users.record_login",
     f"""
-    UPDATE users SET last_login_at = now(),
-                     updated_at = greatest(now(), updated_at + interval '1 microsecond')
+    UPDATE users SET last_login_at = now(), {UPDATED_AT_ADVANCES}
     WHERE id = $1 AND is_active
     RETURNING {USER_COLUMNS}
     """,  # noqa: S608 (columns from USER_COLUMNS, a constant)
@@ -246,23 +233,10 @@ async def list_users(
 
 async def update_user(conn: DbConnection, user_id: UUID, changes: UserChanges) -> UserRow:
     f = changes.fields
+    # (flag, value) per column of UPDATE, in UPDATABLE_COLUMNS order.
+    masked = [(c in f, getattr(changes, c)) for c in UPDATABLE_COLUMNS]
     try:
-        record = await conn.fetchrow(
-            UPDATE,
-            user_id,
-            "email" in f,
-            changes.email,
-            "username" in f,
-            changes.username,
-            "first_name" in f,
-            changes.first_name,
-            "last_name" in f,
-            changes.last_name,
-            "profile_image" in f,
-            changes.profile_image,
-            "is_active" in f,
-            changes.is_active,
-        )
+        record = await conn.fetchrow(UPDATE, user_id, *(x for pair in masked for x in pair))
     except asyncpg.UniqueViolationError as exc:
         raise _unique_violation(exc) from None
     updated = _row(record)

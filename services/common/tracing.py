@@ -20,6 +20,15 @@ What makes spans:
 - A span per stream fan-out of a thread's new messages, linked to the trace of
   each send that caused it (the send's `traceparent` travels in its NOTIFY).
 
+What does not (issue 17 attacks, docs/reliability.md):
+- A statement outside any span: the background loops (the user log sequencer
+  every USER_LOG_TICK, health probes, listener heartbeats, the pool's reset of a
+  released connection) would otherwise each start a trace of their own, ~40 a
+  second from an idle messages process. `_statements_inside_spans` drops them.
+- The caller's `baggage` and `tracestate`: only `traceparent` is read. The SDK's
+  parsers of those two log every malformed member at WARNING, caller bytes and
+  all (a raw HTTP/2 client can put a newline there), up to 180 lines per call.
+
 When tracing is off nothing is installed and every helper here returns at once.
 """
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Token
@@ -37,6 +47,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,42 @@ SERVER_ERROR_CODES = frozenset(
 )
 
 _tracer: trace.Tracer | None = None  # set by configure_tracing when tracing is on
+# How long the spans still buffered at exit may take to export: a collector that
+# is down or never answers must not hold the process past its shutdown budget
+# (the SDK's own bound is 30 s, and OTEL_BSP_EXPORT_TIMEOUT is not used by it).
+EXIT_FLUSH_S = 5.0
+# The caller's trace context: W3C traceparent only, whatever OTEL_PROPAGATORS says.
+_CALLER_CONTEXT = TraceContextTextMapPropagator()
+
+
+def _statements_inside_spans(configured: Any) -> Any:
+    """A sampler that drops a CLIENT span (a database statement) without a parent
+    span; every other decision is `configured`'s (OTEL_TRACES_SAMPLER). Built
+    here so that a process without tracing never imports the SDK."""
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class StatementsInsideSpans(Sampler):
+        def should_sample(
+            self,
+            parent_context: otel_context.Context | None,
+            trace_id: int,
+            name: str,
+            kind: SpanKind | None = None,
+            *args: Any,
+            **kwargs: Any,
+        ) -> SamplingResult:
+            parent = trace.get_current_span(parent_context).get_span_context()
+            if kind is SpanKind.CLIENT and not parent.is_valid:
+                return SamplingResult(Decision.DROP)
+            decision: SamplingResult = configured.should_sample(
+                parent_context, trace_id, name, kind, *args, **kwargs
+            )
+            return decision
+
+        def get_description(self) -> str:
+            return f"StatementsInsideSpans{{{configured.get_description()}}}"
+
+    return StatementsInsideSpans()
 
 
 def enabled() -> bool:
@@ -91,6 +138,7 @@ def configure_tracing(service: str) -> None:
     if "OTEL_SERVICE_NAME" in os.environ:
         default_name = {}
     provider = TracerProvider(resource=Resource.create(default_name))
+    provider.sampler = _statements_inside_spans(provider.sampler)  # before any get_tracer
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
@@ -98,16 +146,27 @@ def configure_tracing(service: str) -> None:
     log.info("tracing on: exporter %s", exporter_name)
 
 
-def shutdown_tracing() -> None:
-    """Export what is buffered (at the end of a process)."""
+def shutdown_tracing(timeout_s: float = EXIT_FLUSH_S) -> None:
+    """Export what is buffered (at the end of a process), for at most `timeout_s`."""
     provider = trace.get_tracer_provider()
     shutdown = getattr(provider, "shutdown", None)
-    if enabled() and shutdown is not None:
-        shutdown()
+    if not enabled() or shutdown is None:
+        return
+    # The SDK waits up to 30 s for a collector that does not answer; a daemon
+    # thread lets the process exit after `timeout_s` whatever the exporter does.
+    flushing = threading.Thread(target=shutdown, name="otel-shutdown", daemon=True)
+    flushing.start()
+    flushing.join(timeout_s)
+    if flushing.is_alive():
+        log.warning("tracing: spans not exported within %.0f s at exit are dropped", timeout_s)
 
 
 def _carrier(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
-    return {key: value for key, value in metadata or () if isinstance(value, str)}
+    """The caller's traceparent (the first), nothing else of its metadata."""
+    for key, value in metadata or ():
+        if key == TRACEPARENT and isinstance(value, str):
+            return {TRACEPARENT: value}
+    return {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +184,7 @@ def start_rpc(method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -
     service, _, name = method.lstrip("/").rpartition("/")
     span = _tracer.start_span(
         method.lstrip("/"),
-        context=propagate.extract(_carrier(metadata)),
+        context=_CALLER_CONTEXT.extract(_carrier(metadata)),
         kind=SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
         record_exception=False,  # the interceptor logs and maps every error

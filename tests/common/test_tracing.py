@@ -202,3 +202,73 @@ async def test_untraced_calls_start_a_trace_of_their_own(
         lambda r: r.span.name == "chat.v1.ThreadsService/GetUnreadCount",
     )
     assert root.service == "chat-threads" and root.span.parent_span_id == b""
+
+
+async def test_a_feed_is_no_part_of_its_first_subscribers_trace(
+    traced: dict[str, ServiceProcess], collector: tuple[Collector, int], db_pool: Any
+) -> None:
+    """A thread's feed serves every stream of the thread: its fan-out spans start
+    traces of their own (linked to sends), never as children of the call that
+    happened to open the first stream (issue 17 attacks: the feed task used to
+    inherit that call's context, its span and its request id)."""
+    receiver, _ = collector
+    owner, member = await new_user(db_pool), await new_user(db_pool)
+    threads_channel = grpc.aio.insecure_channel(traced["threads"].address)
+    messages_channel = grpc.aio.insecure_channel(traced["messages"].address)
+    try:
+        created = await threads_pb2_grpc.ThreadsServiceStub(threads_channel).CreateThread(
+            threads_pb2.CreateThreadRequest(name="feed", creator_id=owner, participant_ids=[member])
+        )
+        header, trace_id, _ = _traceparent()
+        stream = messages_pb2_grpc.MessagesServiceStub(messages_channel).StreamThreadMessages(
+            messages_pb2.StreamThreadMessagesRequest(thread_id=created.thread.id),
+            metadata=(("x-user-id", member), ("traceparent", header)),
+        )
+        first = await stream.read()
+        assert isinstance(first, messages_pb2.StreamThreadMessagesResponse)
+        assert first.WhichOneof("event") == "caught_up"
+        stream.cancel()
+    finally:
+        await threads_channel.close()
+        await messages_channel.close()
+
+    def of_this_thread(r: Received) -> bool:
+        attributes = {a.key: a.value.string_value for a in r.span.attributes}
+        return (
+            r.span.name == "chat.stream.fanout"
+            and attributes.get("chat.thread_id") == created.thread.id
+        )
+
+    (fanout,) = await receiver.wait_for("the feed's first fan-out span", of_this_thread)
+    assert fanout.span.trace_id != bytes.fromhex(trace_id)
+    assert fanout.span.parent_span_id == b""
+
+
+async def test_statements_outside_any_span_start_no_trace(
+    traced: dict[str, ServiceProcess], collector: tuple[Collector, int], db_pool: Any
+) -> None:
+    """The background loops (the user log sequencer every USER_LOG_TICK, health
+    probes, listener heartbeats, the pool's reset of a released connection) run
+    statements outside any call: each used to export a root span of its own,
+    about 40 traces a second from an idle messages process."""
+    receiver, _ = collector
+    await asyncio.sleep(1.0)  # let the loops run: ~20 sequencer ticks
+    user = await new_user(db_pool)
+    channel = grpc.aio.insecure_channel(traced["messages"].address)
+    try:
+        await messages_pb2_grpc.MessagesServiceStub(channel).ListUserMessages(
+            messages_pb2.ListUserMessagesRequest(user_id=user), metadata=(("x-user-id", user),)
+        )
+    finally:
+        await channel.close()
+    # Spans are exported in the order they ended: once this call's span is in,
+    # every background statement before it would be too.
+    (listing,) = await receiver.wait_for(
+        "the ListUserMessages span",
+        lambda r: r.span.name == "chat.v1.MessagesService/ListUserMessages",
+    )
+    assert await receiver.wait_for(
+        "its statements", lambda r: r.span.parent_span_id == listing.span.span_id
+    )
+    orphans = [r for r in receiver.spans if r.span.kind == CLIENT and not r.span.parent_span_id]
+    assert not orphans, [(r.service, _statement(r.span)) for r in orphans[:5]]

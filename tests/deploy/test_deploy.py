@@ -33,6 +33,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.processes import ServiceProcess, start_service_process
+from services.common import tracing
 from services.common.server import LIVENESS
 from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from services.messages.service import DEFINITION as MESSAGES
@@ -132,11 +133,14 @@ def test_deployments_agree_with_the_services() -> None:
             assert set(container["resources"][kind]) == {"cpu", "memory"}, (name, kind)
 
         # SIGTERM comes after preStop; then up to the grace for calls and as long
-        # again for the pool to close (RunningService.stop) before SIGKILL.
+        # again for the pool to close (RunningService.stop), then the last spans'
+        # export (tracing.EXIT_FLUSH_S) before SIGKILL.
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"
         grace = float(config["SHUTDOWN_GRACE_PERIOD"])
-        assert pod["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + 2 * grace
+        assert pod["terminationGracePeriodSeconds"] >= (
+            float(pre_stop[1]) + 2 * grace + tracing.EXIT_FLUSH_S
+        )
 
         service = found[("Service", f"chat-{name}")]
         assert service["spec"]["selector"] == labels

@@ -23,6 +23,7 @@ retries that thread alone, with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Iterable
 from uuid import UUID
@@ -216,7 +217,13 @@ class Fanout:
         feed.dirty = True
         if self._closed or (feed.task is not None and not feed.task.done()):
             return
-        feed.task = asyncio.create_task(self._run_feed(feed), name=f"feed-{feed.thread_id}")
+        # In a context of its own: a task inherits its creator's context, and the
+        # first subscriber's call would otherwise lend the feed, shared by every
+        # stream of the thread, its request id (log lines) and its span (the
+        # fan-out spans' parent) for as long as the task runs.
+        feed.task = asyncio.create_task(
+            self._run_feed(feed), name=f"feed-{feed.thread_id}", context=contextvars.Context()
+        )
 
     async def _run_feed(self, feed: _Feed) -> None:
         delay = self._settings.listener_retry_s

@@ -5,6 +5,8 @@ LOG_FORMAT=json: one JSON object per line (python-json-logger) with `time`
 (ISO 8601, UTC), `level`, `service`, `logger`, `message`, and, on the lines
 written while a call runs, `request_id` and, when tracing is on, `trace_id` and
 `span_id`; the per-RPC line adds `method`, `code`, `duration_ms` and `peer`.
+A worker of a service run with WORKERS > 1 adds `worker` (its index, 1..N) to
+every line, in both formats, so the interleaved lines of N workers stay apart.
 
 Every call has a request id (the caller's `x-request-id` or a generated one,
 interceptors.py): it is in this context variable while the call runs, so every
@@ -43,12 +45,24 @@ class _CallFields(logging.Filter):
         return True
 
 
+class _Worker(logging.Filter):
+    """Adds the worker's index (WORKERS > 1) to every record."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self._worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._worker
+        return True
+
+
 class _TextFormatter(logging.Formatter):
     """The text line, with the call's ids appended as key=value when it has them."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        for key in ("request_id", "trace_id"):
+        for key in ("worker", "request_id", "trace_id"):
             value = getattr(record, key, None)
             if value is not None:
                 line += f" {key}={value}"
@@ -67,10 +81,16 @@ def _formatter(fmt: LogFormat, service: str) -> logging.Formatter:
 
 
 def configure_logging(
-    level: str, service: str, rpc_level: str = "INFO", fmt: LogFormat = "text"
+    level: str,
+    service: str,
+    rpc_level: str = "INFO",
+    fmt: LogFormat = "text",
+    worker: int | None = None,
 ) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_CallFields())
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     handler.setFormatter(_formatter(fmt, service))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # The per-RPC lines (interceptors.py) have their own level.

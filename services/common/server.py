@@ -49,6 +49,7 @@ from services.common.pool import (
     describe_connect_error,
 )
 from services.common.settings import MissingDatabaseUrl, ServiceSettings
+from services.common.workers import WorkerRole, supervise
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,15 @@ async def _run_hooks(hooks: list[ShutdownHook]) -> None:
 MAX_PENDING_CALLS = 100_000
 
 
-def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+def server_options(settings: ServiceSettings, *, reuseport: bool = False) -> list[tuple[str, int]]:
+    """Options of the server; `reuseport` only for a worker of WORKERS > 1 (workers.py).
+
+    A single process binds its port exclusively: a second copy started by
+    mistake fails to bind instead of silently taking half the connections.
+    """
     return [
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuseport else 0),
         ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
@@ -183,9 +189,17 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
 
 
 async def start_service(
-    definition: ServiceDefinition, settings: ServiceSettings, *, port: int | None = None
+    definition: ServiceDefinition,
+    settings: ServiceSettings,
+    *,
+    port: int | None = None,
+    worker: int | None = None,
 ) -> RunningService:
-    """Start serving `definition`; `port=0` picks a free port (tests)."""
+    """Start serving `definition`; `port=0` picks a free port (tests).
+
+    `worker`: this process is worker `worker` (1-based) of WORKERS > 1: it binds
+    with SO_REUSEPORT and serves /metrics on its own port.
+    """
     pool = await create_pool(settings, application_name=f"chat-{definition.name}")
     runtime = Runtime(definition.name, settings, pool)
     try:
@@ -196,7 +210,7 @@ async def start_service(
                     check_caller=functools.partial(require_active_caller, pool),
                 )
             ],
-            options=server_options(settings),
+            options=server_options(settings, reuseport=worker is not None),
         )
         await definition.register(server, runtime)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(pool), server)
@@ -235,7 +249,7 @@ async def start_service(
         threshold=settings.health_failure_threshold,
     )
     running = RunningService(definition, server, health_servicer, runtime, bound, watch)
-    metrics_port = settings.metrics_port_for(definition.name)
+    metrics_port = settings.metrics_port_for(definition.name, worker or 1)
     if metrics_port:
         try:
             running.metrics = MetricsEndpoint(metrics_port, pool, settings.metrics_bind_host())
@@ -246,13 +260,21 @@ async def start_service(
     return running
 
 
-async def _serve_until_signalled(definition: ServiceDefinition, settings: ServiceSettings) -> None:
-    running = await start_service(definition, settings)
-    log.info("%s serving %s on port %d", definition.name, definition.full_name, running.port)
+async def _serve_until_signalled(
+    definition: ServiceDefinition, settings: ServiceSettings, role: WorkerRole | None = None
+) -> None:
+    running = await start_service(definition, settings, worker=role.index if role else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if role is None:
+        log.info("%s serving %s on port %d", definition.name, definition.full_name, running.port)
+    else:
+        # Not the "serving ... on port" line: the supervisor logs that once, for all.
+        log.info("%s worker %d ready on port %d", definition.name, role.index, running.port)
+        role.report_ready()
+        role.watch_supervisor(loop, stop)
     await stop.wait()
     log.info("%s shutting down (grace %.1fs)", definition.name, settings.shutdown_grace_s)
     await running.stop()
@@ -265,23 +287,32 @@ def run_service(definition: ServiceDefinition) -> int:
         settings = ServiceSettings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(
-            f"{definition.name}: error: invalid setting {first['loc'][0]}: {first['msg']}",
-            file=sys.stderr,
-        )
+        # A rule over several settings (a model validator) has no single location.
+        where = f"setting {first['loc'][0]}" if first["loc"] else "settings"
+        print(f"{definition.name}: error: invalid {where}: {first['msg']}", file=sys.stderr)
         return 2
+    role = WorkerRole.from_environment()
     configure_logging(
-        settings.log_level, definition.name, settings.rpc_log_level, settings.log_format
+        settings.log_level,
+        definition.name,
+        settings.rpc_log_level,
+        settings.log_format,
+        worker=role.index if role else None,
     )
     try:
         tracing.configure_tracing(definition.name)
     except ValueError as exc:
         print(f"{definition.name}: error: {exc}", file=sys.stderr)
         return 2
-    if not settings.token_list():
+    if not settings.token_list() and role is None:
         log.warning("AUTH_TOKENS is not set: any caller is accepted (fine for development only)")
+    if role is None and settings.workers > 1:
+        try:
+            return supervise(definition.name, definition.full_name, settings)
+        finally:
+            tracing.shutdown_tracing()
     try:
-        uvloop.run(_serve_until_signalled(definition, settings))
+        uvloop.run(_serve_until_signalled(definition, settings, role))
     except MissingDatabaseUrl as exc:
         print(f"{definition.name}: error: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_PORTS = {"users": 50051, "threads": 50052, "messages": 50053}
 # Default Prometheus /metrics ports, one per service.
 DEFAULT_METRICS_PORTS = {"users": 9101, "threads": 9102, "messages": 9103}
+# WORKERS: processes of one service sharing its port (SO_REUSEPORT), at most
+# MAX_WORKERS; worker i serves /metrics on METRICS_PORT + WORKER_METRICS_STRIDE
+# x (i - 1), so the services' adjacent default metrics ports never collide.
+MAX_WORKERS = 64
+WORKER_METRICS_STRIDE = 100
 # How much longer than DB_STATEMENT_TIMEOUT the client waits for an answer by
 # default before it decides the server stalled (DB_COMMAND_TIMEOUT unset).
 STALL_MARGIN_S = 1.0
@@ -100,6 +105,9 @@ class ServiceSettings(DatabaseSettings):
     auth_tokens: SecretStr | None = Field(default=None, alias="AUTH_TOKENS")
     # Seconds in-flight RPCs get to finish after SIGTERM before they are cancelled.
     shutdown_grace_s: float = Field(default=10.0, ge=0, alias="SHUTDOWN_GRACE_PERIOD")
+    # Processes serving this service on its one port (SO_REUSEPORT): 1 = this
+    # process serves; more = a supervisor starts that many workers (workers.py).
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS, alias="WORKERS")
     # Largest request a server accepts (bytes); larger ones get RESOURCE_EXHAUSTED.
     max_receive_message_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, alias="GRPC_MAX_RECEIVE_MESSAGE_BYTES"
@@ -144,10 +152,21 @@ class ServiceSettings(DatabaseSettings):
         host = self.metrics_host if self.metrics_host is not None else self.grpc_host
         return host.removeprefix("[").removesuffix("]")
 
-    def metrics_port_for(self, service: str) -> int:
+    @model_validator(mode="after")
+    def _worker_metrics_ports_exist(self) -> ServiceSettings:
+        if self.metrics_port and self.metrics_port_for("", self.workers) > 65535:
+            raise ValueError(
+                f"METRICS_PORT + {WORKER_METRICS_STRIDE} x (WORKERS - 1) must be at most 65535"
+            )
+        return self
+
+    def metrics_port_for(self, service: str, worker: int = 1) -> int:
+        """The /metrics port of `worker` (1-based) of `service`; 0 = off."""
         if self.metrics_port is not None:
-            return self.metrics_port
-        return DEFAULT_METRICS_PORTS[service]
+            base = self.metrics_port
+        else:
+            base = DEFAULT_METRICS_PORTS[service]
+        return base + WORKER_METRICS_STRIDE * (worker - 1) if base else 0
 
     def port_for(self, service: str) -> int:
         return self.grpc_port if self.grpc_port is not None else DEFAULT_PORTS[service]

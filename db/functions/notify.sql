@@ -9,15 +9,30 @@
 
 -- A thread's stream moved on to `p_position` (a message created, edited,
 -- deleted, an attachment added, messages removed): "thread_id:position" on
--- chat_thread_events (channels.ThreadEvent), with ":traceparent" appended when
--- the writer's transaction set chat.traceparent (a traced send: the stream's
--- fan-out span links to it). Delivered at commit.
-CREATE OR REPLACE FUNCTION chat_notify_thread_event(p_thread_id uuid, p_position bigint)
-RETURNS void
+-- chat_thread_events (channels.ThreadEvent), with ":traceparent" appended for a
+-- traced write (the stream's fan-out span links to it). Delivered at commit.
+-- The two-argument form this replaced:
+-- squawk-ignore ban-drop-function
+DROP FUNCTION IF EXISTS chat_notify_thread_event(uuid, bigint);
+CREATE OR REPLACE FUNCTION chat_notify_thread_event(
+    p_thread_id uuid, p_position bigint, p_traceparent text DEFAULT NULL
+) RETURNS void
 LANGUAGE sql AS $$
     SELECT pg_notify('chat_thread_events', p_thread_id::text || ':' || p_position::text
-        || coalesce(':' || nullif(current_setting('chat.traceparent', true), ''), ''))
+        || coalesce(':' || p_traceparent, ''))
 $$;
+
+-- Several threads' wake-ups in one transaction, after the writes committed
+-- (the messages service's waker batches them): one commit for the batch.
+CREATE OR REPLACE FUNCTION chat_notify_thread_events(
+    p_thread_ids uuid[], p_positions bigint[], p_traceparents text[]
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_thread_ids, 1), 0) LOOP
+        PERFORM chat_notify_thread_event(p_thread_ids[i], p_positions[i], p_traceparents[i]);
+    END LOOP;
+END $$;
 
 -- Open streams may have to end: {"thread_id": ..., "user_id": ...} on
 -- chat_membership (channels.MembershipChange). A participant left (both set), a

@@ -8,7 +8,11 @@
 -- The one "bump the thread's position and notify": moves last_seq on by
 -- `p_positions` (the caller then uses last_seq - p_positions + 1 .. last_seq),
 -- tells the stream about the last one (at commit) and returns it; NULL, without
--- a notification, when the thread does not exist. Callers hold the thread row
+-- a notification, when the thread does not exist. A session that set
+-- chat.wake_after_commit = on (the messages service's pool, at connection start)
+-- wakes the streams itself after its commit, batched (services/messages/streams/
+-- waker.py): a NOTIFY in the writer's transaction makes PostgreSQL commit such
+-- transactions one at a time, which capped sends per second. Callers hold the thread row
 -- lock already (a send, an edit, a deletion, DeleteUser) or take it here (the
 -- trigger below). Used by chat_send_message, chat_assign_message_seq,
 -- chat_forget_user_messages and the messages service's edit, delete and attach.
@@ -34,7 +38,7 @@ BEGIN
             ELSE t.last_message_at END
     WHERE t.id = p_thread_id
     RETURNING t.last_seq INTO v_last_seq;
-    IF FOUND THEN
+    IF FOUND AND current_setting('chat.wake_after_commit', true) IS DISTINCT FROM 'on' THEN
         PERFORM chat_notify_thread_event(p_thread_id, v_last_seq);
     END IF;
     RETURN v_last_seq;

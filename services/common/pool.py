@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
@@ -163,11 +163,17 @@ def _milliseconds(seconds: float) -> str:
     return str(round(seconds * 1000))
 
 
-def bounded_connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[str, Any]:
-    """`connect_kwargs` with the statement, lock and stall timeouts of the services' pool."""
+def bounded_connect_kwargs(
+    settings: DatabaseSettings,
+    application_name: str,
+    session_settings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """`connect_kwargs` with the statement, lock and stall timeouts of the services'
+    pool, and the service's own `session_settings`."""
     kwargs = connect_kwargs(settings, application_name)
     kwargs["server_settings"] = {
         **kwargs["server_settings"],
+        **(session_settings or {}),
         # Session defaults set at connection start: asyncpg's reset on release
         # (RESET ALL) returns to them, so no call can leave them changed.
         "statement_timeout": _milliseconds(settings.statement_timeout_s),
@@ -360,11 +366,15 @@ class BoundedPool(asyncpg.Pool):
         return PoolAcquireTimeout(timeout_s or 0.0, busy=busy)
 
 
-async def create_pool(settings: DatabaseSettings, application_name: str) -> BoundedPool:
+async def create_pool(
+    settings: DatabaseSettings,
+    application_name: str,
+    session_settings: Mapping[str, str] | None = None,
+) -> BoundedPool:
     """The process's pool: spec defaults of 20 connections, 30 s idle, 2 s connect,
     and the bounded waits of the module docstring."""
     pool = BoundedPool(
-        **bounded_connect_kwargs(settings, application_name),
+        **bounded_connect_kwargs(settings, application_name, session_settings),
         min_size=min(settings.pool_min_size, settings.pool_max_size),
         max_size=settings.pool_max_size,
         # Idle connections are closed after this long (the spec's idleTimeoutMillis).

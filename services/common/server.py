@@ -20,7 +20,7 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,10 @@ class ServiceDefinition:
     name: str  # "users", "threads", "messages": default port, application_name
     full_name: str  # the proto service, e.g. "chat.v1.UsersService"
     register: Callable[[grpc.aio.Server, Runtime], Awaitable[None]]
+    # PostgreSQL settings of every pooled connection, set at connection start
+    # (so asyncpg's RESET ALL on release keeps them), e.g. the messages
+    # service's chat.wake_after_commit.
+    session_settings: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of_servicer(
@@ -200,7 +204,11 @@ async def start_service(
     `worker`: this process is worker `worker` (1-based) of WORKERS > 1: it binds
     with SO_REUSEPORT and serves /metrics on its own port.
     """
-    pool = await create_pool(settings, application_name=f"chat-{definition.name}")
+    pool = await create_pool(
+        settings,
+        application_name=f"chat-{definition.name}",
+        session_settings=definition.session_settings,
+    )
     runtime = Runtime(definition.name, settings, pool)
     try:
         server = grpc.aio.server(

@@ -65,8 +65,9 @@ async def attach(
     attachment: NewAttachment,
     *,
     max_attachments: int,
-) -> AttachmentRow:
-    """The new attachment; a message holds at most `max_attachments`."""
+) -> tuple[AttachmentRow, UUID, int]:
+    """The new attachment, its thread and the position it took; a message holds at
+    most `max_attachments`."""
     async with conn.transaction():
         await store.lock_thread_of(conn, message_id)
         message = await policy.changeable_message(conn, caller, message_id, policy.Change.ATTACH)
@@ -78,4 +79,5 @@ async def attach(
                 reason="TOO_MANY_ATTACHMENTS",
                 subject=f"message/{message_id}",
             )
-        return await store.add_attachment(conn, message, attachment)
+        row, position = await store.add_attachment(conn, message, attachment)
+        return row, message.thread_id, position

@@ -52,4 +52,7 @@ DEFINITION = ServiceDefinition(
     name="messages",
     full_name=messages_pb2.DESCRIPTOR.services_by_name["MessagesService"].full_name,
     register=register,
+    # Writes wake streams after they commit, not by a NOTIFY in their transaction
+    # (streams/waker.py; db/functions/positions.sql).
+    session_settings={"chat.wake_after_commit": "on"},
 )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Concatenate, ParamSpec
+from uuid import UUID
 
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
+from services.common import tracing
 from services.common.errors import InvalidArgument
 from services.common.fieldmask import update_paths
 from services.common.identity import caller_of
@@ -41,6 +43,11 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         self._pool = pool
         self._hub = hub
         self._settings = settings
+
+    def _committed(self, thread_id: UUID, position: int) -> None:
+        """A write committed: wake its thread's streams (streams/waker.py), here at
+        once and in the other processes by a batched NOTIFY."""
+        self._hub.waker.committed(thread_id, position, tracing.current_traceparent())
 
     async def SendMessage(
         self, request: messages_pb2.SendMessageRequest, context: Context
@@ -77,6 +84,8 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         )
         if message is None:
             raise policy.send_refusal(outcome, caller, thread_id, user_id)
+        if outcome is store.SendOutcome.CREATED:
+            self._committed(thread_id, message.seq)
         return messages_pb2.SendMessageResponse(message=message_to_proto(message))
 
     async def GetMessage(
@@ -156,6 +165,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             content=content,
             metadata=("metadata" in paths, metadata),
         )
+        self._committed(edited.thread_id, edited.change_seq)
         return messages_pb2.UpdateMessageResponse(message=message_to_proto(edited))
 
     async def DeleteMessage(
@@ -165,6 +175,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         message = await self._pool.run_locking(
             message_id, changes.delete_message, caller_of(context), message_id
         )
+        self._committed(message.thread_id, message.change_seq)
         return messages_pb2.DeleteMessageResponse(message=message_to_proto(message))
 
     async def AddAttachment(
@@ -174,7 +185,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         v = Violations()
         attachment = attachment_of(v, request.attachment, self._settings, "attachment")
         v.raise_if_any()
-        row = await self._pool.run_locking(
+        row, thread_id, position = await self._pool.run_locking(
             message_id,
             changes.attach,
             caller_of(context),
@@ -182,6 +193,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             attachment,
             max_attachments=self._settings.max_attachments,
         )
+        self._committed(thread_id, position)
         return messages_pb2.AddAttachmentResponse(attachment=attachment_to_proto(row))
 
     async def ListAttachments(

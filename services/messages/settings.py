@@ -37,6 +37,10 @@ class MessagesSettings(BaseSettings):
     stream_max_open: int = Field(default=10_000, ge=1, alias="STREAM_MAX_OPEN")
     # Live fetches (one per thread with new events) running at once.
     stream_fetch_concurrency: int = Field(default=4, ge=1, alias="STREAM_FETCH_CONCURRENCY")
+    # Every feed's thread position is read this often (one query for all of a
+    # process's feeds), so a wake-up that never arrived delays delivery at most
+    # this long (streams/waker.py).
+    stream_catch_up_s: float = Field(default=1.0, gt=0, le=60, alias="STREAM_CATCH_UP_INTERVAL")
     # First delay before the listening connection is re-opened after it drops;
     # it doubles (with jitter) up to STREAM_LISTENER_RETRY_MAX.
     listener_retry_s: float = Field(default=1.0, gt=0, alias="STREAM_LISTENER_RETRY")

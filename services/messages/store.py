@@ -11,7 +11,6 @@ from uuid import UUID
 
 import asyncpg
 
-from services.common import tracing
 from services.common.rows import UPDATED_AT_ADVANCES, column_list, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
@@ -92,8 +91,6 @@ SEND = named(
     FROM chat_send_message($1, $2, $3, $4, $5, $6, $7)
     """,  # noqa: S608
 )
-# A traced send's transaction names its trace for its NOTIFY (notify.sql).
-CARRY_TRACE = named("messages.carry_trace", "SELECT set_config('chat.traceparent', $1, true)")
 GET = named(
     "messages.get",
     f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1",  # noqa: S608
@@ -257,6 +254,12 @@ STREAM_ACCESS = named(
 # send does: changes of one thread serialise, so checks made after it (the
 # message not deleted, its attachment count) still hold at commit, and a thread
 # deleted meanwhile is seen as gone (no row) rather than failing later.
+# Where each thread's stream is: the periodic catch-up read of every feed
+# (streams/fanout.py); a thread missing here was deleted or archived away.
+THREAD_POSITIONS = named(
+    "messages.thread_positions",
+    "SELECT id, last_seq, is_archived FROM threads WHERE id = ANY ($1::uuid[])",
+)
 LOCK_THREAD_OF = named(
     "messages.lock_thread_of",
     """
@@ -266,7 +269,8 @@ LOCK_THREAD_OF = named(
     """,
 )
 # A change to an existing message takes the next position under the thread lock;
-# chat_bump_thread (db/functions/positions.sql) also notifies the stream at commit.
+# chat_bump_thread (db/functions/positions.sql) takes the position; the service
+# wakes the thread's streams after commit (streams/waker.py).
 BUMP = named("messages.bump_thread", "SELECT chat_bump_thread($1)")
 EDIT = named(
     "messages.edit",
@@ -346,15 +350,13 @@ async def send(
         for a in attachments
     ]
     args = (thread_id, user_id, content, parent_id, metadata, request_id, payload)
-    traceparent = tracing.current_traceparent()
-    if traceparent is None:
-        record = await _send_row(conn, args)
-    else:
-        # Traced: the send's NOTIFY carries its trace (chat.traceparent, read by
-        # chat_notify_thread_event), which costs a transaction around it.
-        async with conn.transaction():
-            await conn.execute(CARRY_TRACE, traceparent)
-            record = await _send_row(conn, args)
+    try:
+        record = await conn.fetchrow(SEND, *args)
+    except asyncpg.UniqueViolationError:
+        # The same request_id raced in through another thread and committed first
+        # (the unique index, not the thread lock, caught it): sending again compares
+        # with that message, so the outcome is "duplicate" or "request_id_reused".
+        record = await conn.fetchrow(SEND, *args)
     assert record is not None
     outcome = SendOutcome(record["outcome"])
     if record["id"] is None:
@@ -363,19 +365,6 @@ async def send(
     del columns["outcome"]
     stored = [attachment_from_json(a) for a in columns.pop("attachments")]
     return SendResult(outcome, MessageRow(**columns, attachments=stored))
-
-
-async def _send_row(conn: DbConnection, args: tuple[Any, ...]) -> asyncpg.Record | None:
-    try:
-        if not conn.is_in_transaction():
-            return await conn.fetchrow(SEND, *args)
-        async with conn.transaction():  # a savepoint, so the retry below can run
-            return await conn.fetchrow(SEND, *args)
-    except asyncpg.UniqueViolationError:
-        # The same request_id raced in through another thread and committed first
-        # (the unique index, not the thread lock, caught it): sending again compares
-        # with that message, so the outcome is "duplicate" or "request_id_reused".
-        return await conn.fetchrow(SEND, *args)
 
 
 def attachment_from_json(value: dict[str, Any]) -> AttachmentRow:
@@ -510,13 +499,21 @@ async def stream_access(
     )
 
 
+async def thread_positions(
+    conn: DbConnection, thread_ids: Sequence[UUID]
+) -> dict[UUID, tuple[int, bool]]:
+    """Each existing thread's (last position, archived)."""
+    rows = await conn.fetch(THREAD_POSITIONS, list(thread_ids))
+    return {row["id"]: (int(row["last_seq"]), bool(row["is_archived"])) for row in rows}
+
+
 async def lock_thread_of(conn: DbConnection, message_id: UUID) -> None:
     """Lock the message's thread for the caller's transaction (see LOCK_THREAD_OF)."""
     await conn.execute(LOCK_THREAD_OF, message_id)
 
 
 async def _bump(conn: DbConnection, thread_id: UUID) -> int:
-    """The thread's next position; its stream hears of it when the caller commits."""
+    """The thread's next position (its streams are woken after the commit)."""
     return int(await conn.fetchval(BUMP, thread_id))
 
 
@@ -563,7 +560,8 @@ async def count_attachments(conn: DbConnection, message_id: UUID) -> int:
 
 async def add_attachment(
     conn: DbConnection, message: MessageRow, attachment: NewAttachment
-) -> AttachmentRow:
+) -> tuple[AttachmentRow, int]:
+    """The attachment, and the thread position it took."""
     seq = await _bump(conn, message.thread_id)
     record = await conn.fetchrow(
         INSERT_ATTACHMENT,
@@ -576,4 +574,4 @@ async def add_attachment(
     )
     assert record is not None
     await conn.execute(TOUCH, message.id, seq)
-    return _attachment(record)
+    return _attachment(record), seq

@@ -354,6 +354,24 @@ describe('chat services from a Node.js client', { timeout: CASE_TIMEOUT_MS * 10 
     assert.ok(badRequest.field_violations[0].description.length > 0);
   });
 
+  test("every call has a request id: the caller's x-request-id or a new one, in the response headers", { timeout: CASE_TIMEOUT_MS }, async () => {
+    const ada = await newUser('ada');
+    // The response headers of one GetUser, sent with `requestId` (none: undefined).
+    const headersOf = (requestId) => new Promise((resolve, reject) => {
+      const metadata = new grpc.Metadata();
+      if (requestId !== undefined) metadata.set('x-request-id', requestId);
+      let headers = null;
+      const unary = users.GetUser({ id: ada.id }, metadata, (err) => (err ? reject(err) : resolve(headers)));
+      unary.on('metadata', (received) => { headers = received; });
+    });
+    const mine = await headersOf('node-req-1');
+    assert.deepEqual(mine.get('x-request-id'), ['node-req-1']);
+    const generated = await headersOf(undefined);
+    assert.match(String(generated.get('x-request-id')[0]), /^[0-9a-f]{32}$/);
+    const unfit = await headersOf('has spaces');
+    assert.match(String(unfit.get('x-request-id')[0]), /^[0-9a-f]{32}$/, 'an unfit id is replaced');
+  });
+
   test('gets or creates the direct thread of two users, once', { timeout: CASE_TIMEOUT_MS }, async () => {
     const [ada, bob] = await Promise.all([newUser('ada'), newUser('bob')]);
     const first = await call(threads, 'GetOrCreateDirectThread', { user_ids: [ada.id, bob.id] });

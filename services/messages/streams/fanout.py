@@ -176,12 +176,40 @@ class Fanout:
 
     # -- news (from the listener) --------------------------------------------
 
-    def thread_changed(self, thread_id: UUID, traceparent: str | None = None) -> None:
-        """The thread has new events: fetch them (`traceparent`: of the write, traced)."""
+    def thread_changed(
+        self, thread_id: UUID, position: int | None = None, traceparent: str | None = None
+    ) -> None:
+        """The thread reached `position` (None: unknown): fetch what is new
+        (`traceparent`: of the write, when traced). A position the feed has
+        already fetched (this process's own wake-up, heard back) is nothing new."""
         feed = self._feeds.get(thread_id)
-        if traceparent is not None and feed is not None and len(feed.causes) < CAUSES_MAX:
+        if feed is None:
+            return
+        if position is not None and feed.position is not None and position <= feed.position:
+            return
+        if traceparent is not None and len(feed.causes) < CAUSES_MAX:
             feed.causes.append(traceparent)
-        self._check_threads((thread_id,))
+        self._kick(feed)
+
+    async def catch_up(self) -> None:
+        """Fetch for every feed whose thread moved past what it fetched, and
+        re-check those whose thread is gone or archived: what lost or unsent
+        notifications would have done (waker.py). Runs every
+        STREAM_CATCH_UP_INTERVAL, one query for all feeds."""
+        known = {t: f.position for t, f in self._feeds.items() if f.position is not None}
+        if not known:
+            return
+        async with self._pool.acquire() as conn:
+            found = await store.thread_positions(conn, list(known))
+        for thread_id in known:
+            feed = self._feeds.get(thread_id)
+            if feed is None:
+                continue
+            position, archived = found.get(thread_id, (None, True))
+            if position is None or archived:
+                self._check_threads((thread_id,), recheck=True)
+            elif feed.position is not None and position > feed.position:
+                self._kick(feed)
 
     def membership_changed(self, thread_id: UUID | None, user_id: UUID | None) -> None:
         """Who may read changed: re-check the thread's subscribers, or (no thread)

@@ -18,6 +18,8 @@ The hub also owns the lifecycle of the listener (listener.py) and the fan-out.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from uuid import UUID
 
@@ -34,6 +36,9 @@ from services.messages.settings import MessagesSettings
 from services.messages.streams.fanout import Fanout
 from services.messages.streams.listener import Listener
 from services.messages.streams.users import UserStreams
+from services.messages.streams.waker import Waker
+
+log = logging.getLogger(__name__)
 
 Response = messages_pb2.StreamThreadMessagesResponse
 
@@ -46,6 +51,9 @@ class StreamHub:
         self._settings = settings
         self._fanout = Fanout(pool, settings)
         self.users = UserStreams(pool, settings)
+        # After this process's own writes commit (the servicer calls it).
+        self.waker = Waker(pool, self._thread_changed)
+        self._catching_up: asyncio.Task[None] | None = None
         self._listener = Listener(
             database,
             settings,
@@ -56,8 +64,8 @@ class StreamHub:
             on_typing=self.users.typing,
         )
 
-    def _thread_changed(self, thread_id: UUID, traceparent: str | None) -> None:
-        self._fanout.thread_changed(thread_id, traceparent)
+    def _thread_changed(self, thread_id: UUID, position: int, traceparent: str | None) -> None:
+        self._fanout.thread_changed(thread_id, position, traceparent)
         self.users.writes_committed()
 
     def _membership_changed(self, thread_id: UUID | None, user_id: UUID | None) -> None:
@@ -74,6 +82,18 @@ class StreamHub:
     async def start(self) -> None:
         await self.users.start()
         await self._listener.start()
+        self.waker.start()
+        self._catching_up = asyncio.create_task(self._catch_up_forever(), name="catch-up")
+
+    async def _catch_up_forever(self) -> None:
+        """The safety net under wake-ups (waker.py): every feed reads its thread's
+        position every STREAM_CATCH_UP_INTERVAL."""
+        while True:
+            await asyncio.sleep(self._settings.stream_catch_up_s)
+            try:
+                await self._fanout.catch_up()
+            except Exception as exc:  # an outage: the next round tries again
+                log.warning("stream catch-up read failed (%s: %s)", type(exc).__name__, exc)
 
     def end_streams(self, error: DomainError) -> None:
         """End every open stream with `error` and refuse new ones (shutdown begins)."""
@@ -85,6 +105,10 @@ class StreamHub:
         run first (each stream is ended once)."""
         if not self._fanout.closed:
             self.end_streams(ShuttingDown("the server is shutting down; resume from your cursor"))
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            await asyncio.gather(self._catching_up, return_exceptions=True)
+        await self.waker.stop()
         await self._listener.stop()
         await self._fanout.stop()
         await self.users.stop()

@@ -64,7 +64,8 @@ def _handler(parse: Callable[[object], Parsed], deliver: Callable[[Parsed], None
 
 class Listener:
     """LISTENs on the stream channels and calls back: `on_thread(thread_id,
-    traceparent)` when a thread has news (the write's traceparent when traced),
+    position, traceparent)` when a thread has news (the write's traceparent when
+    traced),
     `on_membership(thread_id, user_id)` when who may read changed (None: any),
     `on_log(position)` when the user streams' log moved on,
     `on_typing(typing)` when a participant types, `on_reconnect()` when
@@ -75,7 +76,7 @@ class Listener:
         database: DatabaseSettings,
         settings: MessagesSettings,
         *,
-        on_thread: Callable[[UUID, str | None], None],
+        on_thread: Callable[[UUID, int, str | None], None],
         on_membership: Callable[[UUID | None, UUID | None], None],
         on_reconnect: Callable[[], None],
         on_log: Callable[[int], None],
@@ -88,7 +89,7 @@ class Listener:
         self._handlers: dict[str, _Handler] = {
             channels.THREAD_EVENTS: _handler(
                 channels.parse_thread_event,
-                lambda event: on_thread(event.thread_id, event.traceparent),
+                lambda event: on_thread(event.thread_id, event.position, event.traceparent),
             ),
             channels.MEMBERSHIP: _handler(
                 channels.parse_membership_change,

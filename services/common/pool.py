@@ -150,6 +150,16 @@ async def _init_pooled_connection(conn: asyncpg.Connection) -> None:
     conn.add_query_logger(_close_if_unanswered(conn))
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing beyond what asyncpg always does (roll
+    back an open transaction, drop listeners). Its default reset is one more round
+    trip per call (`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL`) to undo session state the services never create: they change settings
+    only transaction-locally (set_config(..., true)), take no session advisory
+    locks, keep no cursors past a transaction and LISTEN on connections of their own.
+    tests/common/test_session_state.py keeps it so."""
+
+
 def connect_kwargs(settings: DatabaseSettings, application_name: str) -> dict[str, Any]:
     return {
         "dsn": settings.require_url(),
@@ -380,6 +390,7 @@ async def create_pool(
         # Idle connections are closed after this long (the spec's idleTimeoutMillis).
         max_inactive_connection_lifetime=settings.pool_idle_timeout_s,
         init=_init_pooled_connection,
+        reset=_keep_session,
         # asyncpg.create_pool's defaults, which the constructor does not have.
         max_queries=50000,
         loop=None,

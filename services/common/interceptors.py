@@ -59,6 +59,7 @@ from services.common.logs import REQUEST_ID
 from services.common.metrics import observe_rpc
 from services.common.pool import CONNECTION_ERRORS, PoolAcquireTimeout, RowLockWaitTimeout
 from services.common.types import Context
+from services.common.wire import passing_bytes
 
 log = logging.getLogger("services.rpc")
 
@@ -170,13 +171,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, method, needs_token),
                 request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                response_serializer=passing_bytes(handler.response_serializer),
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream(handler.stream_stream, method, needs_token),
                 request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                response_serializer=passing_bytes(handler.response_serializer),
             )
         # Client-streaming (unused here) or a kind grpcio may add: a handler this
         # interceptor does not wrap would skip authentication, so it is refused.

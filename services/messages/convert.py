@@ -52,17 +52,21 @@ def message_to_proto(row: MessageRow) -> messages_pb2.Message:
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """One stream response, converted once and shared by every subscriber it reaches."""
+    """One stream response, converted and serialised once for every subscriber it
+    reaches (they all get the same bytes: the cursor names the thread, not them)."""
 
     position: int
-    response: messages_pb2.StreamThreadMessagesResponse
-    size: int  # serialised bytes: what a subscriber's buffer counts
+    payload: bytes  # the serialised StreamThreadMessagesResponse (services/common/wire.py)
+
+    @property
+    def size(self) -> int:
+        """What a subscriber's buffer counts."""
+        return len(self.payload)
 
 
 def stream_event(event: ThreadEvent) -> StreamEvent:
-    """`event` for live delivery: converted once, sized for the subscribers' buffers."""
-    response = event_response(event)
-    return StreamEvent(event.position, response, response.ByteSize())
+    """`event` for live delivery: converted and serialised once."""
+    return StreamEvent(event.position, event_response(event).SerializeToString())
 
 
 def event_response(event: ThreadEvent) -> messages_pb2.StreamThreadMessagesResponse:

@@ -193,15 +193,15 @@ def variant_for(event: LogEvent, user_id: UUID, threads: set[UUID]) -> str | Non
 
 
 class Converted:
-    """One event's responses, each variant converted and sized once for all users."""
+    """One event's responses, each variant converted and serialised once for all
+    users (services/common/wire.py)."""
 
     def __init__(self, event: LogEvent) -> None:
         self.event = event
-        self._responses: dict[str, tuple[Response, int]] = {}
+        self._payloads: dict[str, bytes] = {}
 
-    def response(self, variant: str) -> tuple[Response, int]:
-        found = self._responses.get(variant)
+    def payload(self, variant: str) -> bytes:
+        found = self._payloads.get(variant)
         if found is None:
-            response = _response(self.event, variant)
-            found = self._responses[variant] = (response, response.ByteSize())
+            found = self._payloads[variant] = _response(self.event, variant).SerializeToString()
         return found

@@ -29,6 +29,7 @@ from chat.v1 import messages_pb2
 from services.common.errors import DomainError, InvalidArgument, ShuttingDown
 from services.common.identity import Caller
 from services.common.settings import DatabaseSettings
+from services.common.wire import as_response
 from services.messages import store
 from services.messages.convert import caught_up, event_response
 from services.messages.policy import stream_refusal
@@ -148,7 +149,7 @@ class StreamHub:
                 live = await sub.next()
                 if live.position <= delivered:
                     continue  # already replayed
-                yield live.response
+                yield as_response(live.payload, Response)
                 delivered = live.position
         finally:
             self._fanout.unsubscribe(sub)

@@ -37,6 +37,7 @@ from services.common.errors import (
 from services.common.identity import user_inactive
 from services.common.pool import QUERY_FAILURES
 from services.common.types import DbConnection
+from services.common.wire import as_response
 from services.messages import log_store
 from services.messages.log_store import LogEvent
 from services.messages.settings import MessagesSettings
@@ -61,7 +62,7 @@ def cursor_expired() -> FailedPrecondition:
 
 class Item(NamedTuple):
     position: int  # 0: `typing`, which has none
-    response: Response
+    payload: bytes  # the serialised response, shared by every stream it reaches
     # The follower's position when it offered this: a typing was decided on the
     # memberships as of then.
     seen_at: int
@@ -131,12 +132,11 @@ class UserStreams:
             self._wake.set()
 
     def typing(self, event: Typing) -> None:
-        response = typing(event.thread_id, event.user_id, event.expire_time)
-        size = response.ByteSize()
+        payload = typing(event.thread_id, event.user_id, event.expire_time).SerializeToString()
         for user in self._local.get(event.thread_id, ()):
             if user != event.user_id:
                 for sub in self._subs.get(user, ()):
-                    sub.offer(Item(0, response, self._position), size)
+                    sub.offer(Item(0, payload, self._position), len(payload))
 
     @property
     def open_count(self) -> int:
@@ -174,11 +174,11 @@ class UserStreams:
                     # A typing decided on memberships older than what this stream
                     # has shown (a resume ahead of this process) may be stale.
                     if item.seen_at >= delivered:
-                        yield item.response
+                        yield as_response(item.payload, Response)
                     continue
                 if item.position <= delivered:
                     continue  # already replayed
-                yield item.response
+                yield as_response(item.payload, Response)
                 delivered = item.position
         finally:
             OPEN_USER_STREAMS.dec()
@@ -203,7 +203,7 @@ class UserStreams:
             for event in batch:
                 variant = variant_for(event, user_id, threads)
                 if variant is not None:
-                    yield Converted(event).response(variant)[0]
+                    yield as_response(Converted(event).payload(variant), Response)
             if len(batch) < batch_size:
                 return
             position = batch[-1].position
@@ -350,9 +350,9 @@ class UserStreams:
                 self._unindex(event.thread_id, user)
             if variant is None:
                 continue
-            response, size = converted.response(variant)
+            payload = converted.payload(variant)
             for sub in list(self._subs.get(user, ())):
-                sub.offer(Item(event.position, response, event.position), size)
+                sub.offer(Item(event.position, payload, event.position), len(payload))
 
     # -- the sequencer tick ------------------------------------------------------
 

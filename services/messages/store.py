@@ -149,6 +149,13 @@ _STORED_BYTES = """
 """
 
 
+# Message m's attachments as a JSON array in their order, NULL when it has none
+# (most have none): the page carries them, so a page is one round trip.
+_ATTACHMENTS_JSON = """(
+    SELECT jsonb_agg(to_jsonb(a) ORDER BY a.created_at, a.id)
+    FROM message_attachments a WHERE a.message_id = m.id)"""
+
+
 def _bounded(page_sql: str, order: str, max_bytes_param: int) -> str:
     """`page_sql` (a keyset page above), stopped by bytes as well as by its LIMIT.
 
@@ -173,7 +180,7 @@ def _bounded(page_sql: str, order: str, max_bytes_param: int) -> str:
         FROM walk w, candidates c
         WHERE w.n < cardinality(c.ids) AND w.total < ${max_bytes_param}
     )
-    SELECT {_qualified("m")}, cardinality(c.ids) AS fetched
+    SELECT {_qualified("m")}, cardinality(c.ids) AS fetched, {_ATTACHMENTS_JSON} AS attachments
     FROM walk w, candidates c, messages m
     WHERE w.n > 0 AND m.id = c.ids[w.n]
     ORDER BY w.n
@@ -416,8 +423,17 @@ async def _bounded_page(conn: DbConnection, sql: str, *args: object, window: Win
     position, the row limit and the byte budget (see _bounded)."""
     after = window.after or (None, None)
     records = await conn.fetch(sql, *args, *after, window.limit, window.max_bytes)
-    rows = await with_attachments(conn, [_message(r) for r in records])
+    rows = [_with_attachments_of(r) for r in records]
     return Page(rows, int(records[0]["fetched"]) if records else 0)
+
+
+def _with_attachments_of(record: asyncpg.Record) -> MessageRow:
+    """A page row with the attachments its `attachments` column carries as JSON."""
+    row = _message(record)
+    carried = record["attachments"]
+    if not carried:
+        return row
+    return replace(row, attachments=[attachment_from_json(a) for a in carried])
 
 
 async def list_history(conn: DbConnection, thread_id: UUID, window: Window) -> Page:

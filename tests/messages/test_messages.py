@@ -405,3 +405,45 @@ async def test_non_finite_numbers_in_metadata_are_invalid_argument(
         err = await error_of(search)
         assert violated_fields(err) == {"metadata_contains"}
     assert await db_pool.fetchval("SELECT count(*) FROM messages") == 0
+
+
+async def test_a_page_carries_each_message_as_get_message_serves_it(
+    messages: Stub, room: Room
+) -> None:
+    """A page reads attachments in the same round trip as its rows: each listed
+    message, with none, one or several attachments (metadata included, one added
+    later, one message deleted), equals the message GetMessage serves."""
+
+    def attachment(n: int) -> messages_pb2.Attachment:
+        return messages_pb2.Attachment(
+            url=f"https://files.example.com/{n}",
+            type="image/png",
+            name=f"{n}.png",
+            size=1000 + n,
+            metadata=struct(n=n, tags=["a", "b"]),
+        )
+
+    plain = await send(messages, room, "no files")
+    one = await send(messages, room, "one file", attachments=[attachment(1)])
+    several = await send(messages, room, "three", attachments=[attachment(i) for i in (2, 3, 4)])
+    gone = await send(messages, room, "deleted", attachments=[attachment(5)])
+    await messages.AddAttachment(
+        messages_pb2.AddAttachmentRequest(message_id=one.id, attachment=attachment(6)),
+        metadata=as_user(room.member),
+    )
+    await messages.DeleteMessage(
+        messages_pb2.DeleteMessageRequest(id=gone.id), metadata=as_user(room.member)
+    )
+    page = await messages.ListMessages(
+        messages_pb2.ListMessagesRequest(thread_id=room.thread_id, page_size=10),
+        metadata=as_user(room.owner),
+    )
+    listed = {m.id: m for m in page.messages}
+    for sent in (plain, one, several, gone):
+        got = await messages.GetMessage(
+            messages_pb2.GetMessageRequest(id=sent.id), metadata=as_user(room.owner)
+        )
+        assert listed[sent.id] == got.message
+    assert [a.name for a in listed[one.id].attachments] == ["1.png", "6.png"]
+    assert sorted(a.name for a in listed[several.id].attachments) == ["2.png", "3.png", "4.png"]
+    assert list(listed[gone.id].attachments) == []

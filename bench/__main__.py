@@ -19,12 +19,14 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,17 @@ import grpc
 import psutil
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
-from bench import report
-from bench.load import run_clients, run_subscribers
+from bench import caches, cpu, report
+from bench.load import SQL_APPLICATION_NAME, ready, run_clients, run_subscribers
 from bench.seed import Seeded, seed
 from db.migrations import load_migrations
 from db.runner import Migrator
 from devtools.databases import with_database
-from devtools.processes import ServiceProcess, start_service_process
+from devtools.processes import SETTINGS_VARIABLES, ServiceProcess, start_service_process
+from services.common import settings as service_settings
 from services.common.embedded import EmbeddedPostgres
 from services.common.pagination import TIME_ID, PageCodec, PageKind
+from services.messages.streams.listener import APPLICATION_NAME as LISTENER_APPLICATION_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # ListMessages' page tokens (the seeded deep-page tokens are of this kind).
@@ -59,45 +63,188 @@ LOG_TRIGGERS_ON = (
     "ALTER TABLE thread_participants ENABLE TRIGGER trg_participants_change_log"
 )
 LOG_TRIGGERS_OFF = LOG_TRIGGERS_ON.replace("ENABLE", "DISABLE")
+# The clients' processes start on a wall-clock schedule this long after the
+# bench asks for them (so every process and the CPU probe share one window).
+START_SLACK_S = 1.0
+CPU_CLIENTS = 8  # calls in flight in the CPU-per-call rounds (issue 18's setting)
+WORKER_CLIENTS = 32  # calls in flight in the WORKERS=1 vs 2 rounds
+WORKER_CHANNELS = 4  # connections per client process there (local subchannel pools)
+# The /metrics port step between a WORKERS=N service's workers (services/common/settings.py).
+METRICS_STRIDE = getattr(service_settings, "WORKER_METRICS_STRIDE", 100)
 
 
 def say(line: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
+@dataclass
+class Measured:
+    """One measured window: latencies summarised, the calls, and the CPU they cost."""
+
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    calls: int
+    usage: cpu.Usage
+    client_s: float
+    cache_hit_rates: dict[str, float] | None = None
+
+    def figure(self, path: str, setting: str, **extra: Any) -> report.Figure:
+        per = cpu.per_call_us
+        if self.usage.lost:
+            lost = f"{self.usage.lost} serving backends exited in the window (PG figure low)"
+            extra["note"] = "; ".join(x for x in (extra.get("note", ""), lost) if x)
+        return report.Figure(
+            path,
+            setting,
+            self.throughput,
+            self.p50_ms,
+            self.p99_ms,
+            calls=self.calls,
+            service_cpu_us=per(self.usage.service_s, self.calls),
+            client_cpu_us=per(self.client_s, self.calls),
+            db_cpu_us=per(self.usage.db_s, self.calls),
+            db_tree_cpu_us=per(self.usage.db_tree_s, self.calls),
+            cache_hit_rates=self.cache_hit_rates,
+            **extra,
+        )
+
+
+def target_of(*procs: ServiceProcess, names: tuple[str, ...] = ()) -> cpu.Target:
+    """A figure's CPU target: these service processes and their pools' backends."""
+    return cpu.Target(
+        pids=[p.process.pid for p in procs],
+        app_names=sorted({f"chat-{p.name}" for p in procs} | set(names)),
+    )
+
+
+SQL_TARGET = cpu.Target(pids=[], app_names=[SQL_APPLICATION_NAME])
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, database_url: str, seeded: Seeded) -> None:
+    def __init__(
+        self, args: argparse.Namespace, database_url: str, seeded: Seeded, probe: cpu.Probe
+    ) -> None:
         self.args = args
         self.database_url = database_url
         self.seeded = seeded
+        self.probe = probe
         self.figures: list[report.Figure] = []
+        # service pid -> its workers' /metrics (--metrics)
+        self.metrics_urls: dict[int, list[str]] = {}
+        self.empty_service_us: float | None = None  # the CPU rounds' empty RPC (median)
+        self.notes: list[str] = []
         self.pool = ProcessPoolExecutor(
             max_workers=2, mp_context=multiprocessing.get_context("spawn")
         )
+        self.scratch = tempfile.mkdtemp(prefix="chat-bench-")
 
-    async def measure(self, spec: dict[str, Any], clients: int) -> tuple[float, float, float]:
-        """Throughput, p50 ms, p99 ms of `clients` concurrent callers, split over processes."""
+    async def start_pool(self) -> None:
+        """Both client processes up and imported before the first window."""
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self.pool, ready) for _ in range(2)))
+
+    async def measure(self, spec: dict[str, Any], clients: int, target: cpu.Target) -> Measured:
+        """`clients` concurrent callers split over the client processes; latencies of
+        the calls started in the window, and the CPU of `target` and the clients
+        over the same window."""
         parts = 2 if clients >= 8 else 1
+        start_at = time.time() + START_SLACK_S
+        measure_from = start_at + self.args.warmup
+        end = measure_from + self.args.duration
+        release = Path(self.scratch) / f"release-{uuid.uuid4().hex}"
         spec = {
             **spec,
             "clients": clients // parts,
-            "warmup": self.args.warmup,
-            "duration": self.args.duration,
+            "start_at": start_at,
+            "measure_from": measure_from,
+            "end": end,
+            "release": str(release),
             "database_url": self.database_url,
         }
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
+        running = asyncio.gather(
             *(loop.run_in_executor(self.pool, run_clients, spec) for _ in range(parts))
         )
-        return report.summarize([x for r in results for x in r], self.args.duration)
+        urls: list[str | None] = [
+            u for pid in target.pids for u in self.metrics_urls.get(pid, [None])
+        ]
+        try:
+            await asyncio.sleep(max(0.0, measure_from - time.time()))
+            before = await self.probe.snapshot(target)
+            counts_before = [caches.read_counts(u) for u in urls]
+            await asyncio.sleep(max(0.0, end - time.time()))
+            after = await self.probe.snapshot(target)
+            counts_after = [caches.read_counts(u) for u in urls]
+        finally:
+            release.touch()  # the clients may close their connections now
+        results = await running
+        release.unlink()
+        late = max(r["late_s"] for r in results)
+        if late > self.args.warmup:
+            say(f"warning: a client process started {late:.1f}s late (after its warm-up)")
+        latencies = [x for r in results for x in r["latencies"]]
+        throughput, p50, p99 = report.summarize(latencies, self.args.duration)
+        # CPU per call divides by the calls started while each CPU figure was
+        # running: the probe's window for the service and PostgreSQL, each client
+        # process's own for its CPU (either may start or end late on a busy machine).
+        probed = sum(before.at <= t < after.at for r in results for t in r["starts"])
+        client_calls = sum(
+            r["cpu_from_at"] <= t < r["cpu_to_at"] for r in results for t in r["starts"]
+        )
+        client_s = sum(r["cpu_s"] for r in results)
+        return Measured(
+            throughput,
+            p50,
+            p99,
+            probed,
+            cpu.Probe.usage(before, after, target),
+            client_s * probed / client_calls if client_calls else 0.0,
+            caches.hit_rates(counts_before, counts_after),
+        )
 
     def add(self, figure: report.Figure) -> None:
         self.figures.append(figure)
         ratio = "" if figure.ratio is None else f" ratio {figure.ratio:.2f}"
+        cpu_line = ""
+        if any(
+            x is not None for x in (figure.service_cpu_us, figure.db_cpu_us, figure.db_tree_cpu_us)
+        ):
+            cpu_line = (
+                f" CPU/call: service {report._num(figure.service_cpu_us)} µs"
+                f" client {report._num(figure.client_cpu_us)} µs"
+                f" PG {report._num(figure.db_cpu_us)} / {report._num(figure.db_tree_cpu_us)} µs"
+            )
         say(
             f"{figure.path} [{figure.setting}]: {figure.throughput:,.0f}/s "
-            f"p50 {figure.p50_ms:.2f} ms p99 {figure.p99_ms:.2f} ms{ratio}"
+            f"p50 {figure.p50_ms:.2f} ms p99 {figure.p99_ms:.2f} ms{ratio}{cpu_line}"
         )
+
+
+def git_state() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head} + {len(changed)} changed files" if changed else head
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -126,18 +273,54 @@ async def run(args: argparse.Namespace) -> int:
         say(f"seeded {seeded.rows:,} messages in {seed_seconds:.0f}s")
         # Every setting at its default, logging included (one INFO line per RPC):
         # the bench measures what a deployment runs. Only the ports differ (free
-        # gRPC ports, no /metrics endpoint), see start_service_process.
-        threads = await start_service_process("threads", url)
-        messages = [await start_service_process("messages", url) for _ in range(2)]
-        empty = await start_service_process("users", url, module="bench.empty_server")
-        procs = [threads, *messages, empty]
-        bench = Bench(args, url, seeded)
-        await scenarios(bench, threads, messages, empty)
-        idle = await start_service_process("messages", url)
-        procs.append(idle)
-        await idle_streams(bench, idle)
-        await idle_user_streams(bench, idle)
+        # gRPC ports, no /metrics endpoint unless --metrics), see start_service_process.
+        metrics_urls: dict[int, list[str]] = {}
+
+        async def start(name: str, **env: str) -> ServiceProcess:
+            if args.metrics:
+                env = {"METRICS_PORT": str(free_port()), **env}
+            proc = await start_service_process(name, url, **env)
+            procs.append(proc)
+            if args.metrics:
+                # Worker i of a WORKERS=N service serves /metrics METRICS_STRIDE x (i - 1) up.
+                base = int(env["METRICS_PORT"])
+                metrics_urls[proc.process.pid] = [
+                    f"http://127.0.0.1:{base + METRICS_STRIDE * i}/metrics"
+                    for i in range(int(env.get("WORKERS", "1")))
+                ]
+            return proc
+
+        threads = await start("threads")
+        messages = [await start("messages") for _ in range(2)]
+        users = await start("users")
+        empty = await start("users", module="bench.empty_server")
+        probe = await cpu.Probe.connect(url)
+        bench = Bench(args, url, seeded, probe)
+        bench.metrics_urls = metrics_urls
+        if probe.postmaster is None:
+            bench.notes.append("PostgreSQL is not on this machine: no PostgreSQL CPU figures")
+        await bench.start_pool()
+        await scenarios(bench, threads, messages, users, empty)
+        if not args.quick:
+            idle = await start("messages")
+            await idle_streams(bench, idle)
+            await idle_user_streams(bench, idle)
         await pgbench(bench, url)
+        # The WORKERS rounds start services of their own: the others stop first,
+        # so their pools' connections are not held against max_connections.
+        for proc in procs:
+            await proc.stop()
+        try:
+            await workers_rounds(bench, url, start)
+        except Exception as exc:  # report everything else measured, and why not this
+            note = f"WORKERS=1 vs 2 not measured: {exc!r:.300}"
+            say(note)
+            bench.notes.append(note)
+        # Every figure's CPU as a multiple of the empty RPC's service CPU per call
+        # (the median of the CPU rounds' empty RPC, same run).
+        for figure in bench.figures:
+            figure.scale_to(bench.empty_service_us)
+        await probe.close()
         meta = {
             "date": stamp,
             "machine": f"{platform.node()} ({os.cpu_count()} cores, "
@@ -147,14 +330,29 @@ async def run(args: argparse.Namespace) -> int:
             "seeded_messages": seeded.rows,
             "seed_seconds": round(seed_seconds, 1),
             "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "empty_service_cpu_us": bench.empty_service_us,
+            "cpu_method": cpu.__doc__,
+            "notes": bench.notes,
+            # The code measured: the services run the working tree as it is when
+            # each starts, so say which commit and whether it had local changes.
+            "git": git_state(),
         }
-        path = report.write(RESULTS, stamp, meta, bench.figures)
-        chart = report.chart(RESULTS, bench.figures)
+        path = report.write(RESULTS, stamp, meta, bench.figures, latest=not args.quick)
         print()
         print(f"machine: {meta['machine']}; PostgreSQL {server_version}; {stamp}")
         print(report.table(bench.figures))
-        print(f"\nwrote {path}, {RESULTS / 'latest.json'} and {chart}")
+        for note in bench.notes:
+            print(f"note: {note}")
+        if args.quick:  # a smoke run leaves the latest.* files alone
+            print(f"\nwrote {path}")
+        else:
+            chart = report.chart(RESULTS, bench.figures)
+            print(f"\nwrote {path}, {RESULTS / 'latest.json'} and {chart}")
         bench.pool.shutdown()
+        shutil.rmtree(bench.scratch, ignore_errors=True)
     finally:
         for proc in procs:
             await proc.stop()
@@ -169,33 +367,35 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def scenarios(
-    bench: Bench, threads: ServiceProcess, messages: list[ServiceProcess], empty: ServiceProcess
+    bench: Bench,
+    threads: ServiceProcess,
+    messages: list[ServiceProcess],
+    users: ServiceProcess,
+    empty: ServiceProcess,
 ) -> None:
     s = bench.seeded
-    empty_thr, empty_p50, empty_p99 = await bench.measure(
-        {"kind": "empty", "address": empty.address}, 32
+    empty_32 = await bench.measure(
+        {"kind": "empty", "address": empty.address}, 32, target_of(empty)
     )
-    bench.add(
-        report.Figure("empty RPC (gRPC ceiling)", "32 clients", empty_thr, empty_p50, empty_p99)
-    )
+    bench.add(empty_32.figure("empty RPC (gRPC ceiling)", "32 clients"))
+    await cpu_rounds(bench, threads, messages, users, empty, empty_32.throughput)
 
     hot = [(s.hot_thread, member) for member in s.hot_members]
     for target, targets in (("spread", s.spread), ("hot thread", hot)):
         for clients in (1, 8, 32):
-            sql = await bench.measure({"kind": "sql_send", "targets": targets}, clients)
-            bench.add(report.Figure(f"asyncpg send SQL ({target})", f"{clients} clients", *sql))
-            thr, p50, p99 = await bench.measure(
-                {"kind": "send", "address": messages[0].address, "targets": targets}, clients
+            sql = await bench.measure({"kind": "sql_send", "targets": targets}, clients, SQL_TARGET)
+            bench.add(sql.figure(f"asyncpg send SQL ({target})", f"{clients} clients"))
+            sent = await bench.measure(
+                {"kind": "send", "address": messages[0].address, "targets": targets},
+                clients,
+                target_of(messages[0]),
             )
             bench.add(
-                report.Figure(
+                sent.figure(
                     f"SendMessage {target}",
                     f"{clients} clients",
-                    thr,
-                    p50,
-                    p99,
                     ceiling="asyncpg send SQL, same clients",
-                    ratio=thr / sql[0] if sql[0] else None,
+                    ratio=sent.throughput / sql.throughput if sql.throughput else None,
                 )
             )
 
@@ -205,9 +405,9 @@ async def scenarios(
             if token:
                 position = HISTORY_PAGES.decode(token, {"thread": thread})
             sql = await bench.measure(
-                {"kind": "sql_list", "thread": thread, "position": position}, 8
+                {"kind": "sql_list", "thread": thread, "position": position}, 8, SQL_TARGET
             )
-            thr, p50, p99 = await bench.measure(
+            listed = await bench.measure(
                 {
                     "kind": "history",
                     "address": messages[0].address,
@@ -215,36 +415,102 @@ async def scenarios(
                     "token": token,
                 },
                 8,
+                target_of(messages[0]),
             )
             bench.add(
-                report.Figure(
+                listed.figure(
                     f"ListMessages {page}",
                     f"{size:,} messages",
-                    thr,
-                    p50,
-                    p99,
-                    ceiling=f"asyncpg page SQL p50 {sql[1]:.2f} ms",
-                    ratio=p50 / sql[1] if sql[1] else None,
-                    note="ratio = p50 / asyncpg p50",
+                    ceiling=f"asyncpg page SQL p50 {sql.p50_ms:.2f} ms",
+                    ratio=listed.p50_ms / sql.p50_ms if sql.p50_ms else None,
+                    note="ratio = p50 / asyncpg p50; asyncpg page SQL: client "
+                    f"{report._num(cpu.per_call_us(sql.client_s, sql.calls))} µs, PG "
+                    f"{report._num(cpu.per_call_us(sql.usage.db_s, sql.calls))} µs per page",
                 )
             )
+    if not bench.args.quick:
+        await live_streams(bench, messages)
 
-    for kind, path in (("inbox", "ListThreads (page of 50)"), ("unread", "GetUnreadCount")):
-        thr, p50, p99 = await bench.measure(
-            {"kind": kind, "address": threads.address, "user": s.inbox_user}, 8
-        )
-        bench.add(
-            report.Figure(
-                path,
-                f"{s.inbox_threads} threads x {s.inbox_backlog:,} unread, 8 clients",
-                thr,
-                p50,
-                p99,
-                ceiling="empty RPC",
-                ratio=thr / empty_thr if empty_thr else None,
+
+async def cpu_rounds(
+    bench: Bench,
+    threads: ServiceProcess,
+    messages: list[ServiceProcess],
+    users: ServiceProcess,
+    empty: ServiceProcess,
+    empty_32_throughput: float,
+) -> None:
+    """CPU per call of each unary path, CPU_CLIENTS calls in flight, in
+    `--repeats` interleaved rounds (every path once per round, the empty RPC
+    first): each path's numbers are the medians over the rounds, and its
+    *_x_empty the median of its ratios to the same round's empty RPC.
+
+    Trusted calls (no x-user-id) and end-user calls (x-user-id of a member: the
+    service adds the active-user lookup, services/common/identity.py)."""
+    s = bench.seeded
+    viewer = s.history_members[0]  # a member of the history threads, active
+    smallest = min(s.history)
+    page = f"{smallest:,} messages, first page of 50"
+    inbox = f"{s.inbox_threads} threads x {s.inbox_backlog:,} unread"
+    ids = s.senders[:100]
+    paths: list[tuple[str, str, dict[str, Any], ServiceProcess, str, Any]] = [
+        ("empty RPC", "", {"kind": "empty"}, empty, "", None),
+        ("GetUser trusted", "", {"kind": "get_user", "users": ids}, users, "", None),
+        (
+            "GetUser end-user (x-user-id)",
+            "",
+            {"kind": "get_user", "users": ids, "caller": viewer},
+            users,
+            "",
+            None,
+        ),
+        ("SendMessage spread", "", {"kind": "send", "targets": s.spread}, messages[0], "", None),
+        (
+            "ListMessages trusted",
+            page,
+            {"kind": "history", "thread": s.history[smallest], "token": ""},
+            messages[0],
+            "",
+            None,
+        ),
+        (
+            "ListMessages end-user (x-user-id)",
+            page,
+            {"kind": "history", "thread": s.history[smallest], "token": "", "caller": viewer},
+            messages[0],
+            "",
+            None,
+        ),
+        ("ListThreads (page of 50)", inbox, {"kind": "inbox", "user": s.inbox_user}, threads,
+         "empty RPC at 32 clients (throughput)", empty_32_throughput),
+        ("GetUnreadCount", inbox, {"kind": "unread", "user": s.inbox_user}, threads,
+         "empty RPC at 32 clients (throughput)", empty_32_throughput),
+    ]  # fmt: skip
+    rounds: dict[str, list[report.Figure]] = {path: [] for path, *_ in paths}
+    for n in range(bench.args.repeats):
+        say(f"CPU per call, round {n + 1} of {bench.args.repeats}")
+        empty_us: float | None = None
+        for path, setting, spec, proc, ceiling, against in paths:
+            measured = await bench.measure(
+                {**spec, "address": proc.address}, CPU_CLIENTS, target_of(proc)
             )
-        )
-    await live_streams(bench, messages)
+            setting = ", ".join(x for x in (setting, f"{CPU_CLIENTS} clients") if x)
+            figure = measured.figure(
+                path,
+                setting,
+                ceiling=ceiling,
+                ratio=measured.throughput / against if against else None,
+                note="CPU rounds: medians of interleaved repeats",
+            )
+            if path == "empty RPC":
+                empty_us = figure.service_cpu_us
+            figure.scale_to(empty_us)  # against this round's empty RPC
+            rounds[path].append(figure)
+    for path, *_ in paths:
+        figure = report.median_figure(rounds[path])
+        if path == "empty RPC":
+            bench.empty_service_us = figure.service_cpu_us
+        bench.add(figure)
 
 
 async def members_thread(url: str, members: int, *, tag: str) -> tuple[str, list[str]]:
@@ -328,6 +594,12 @@ async def delivery(
     for _ in subscribers:
         await asyncio.to_thread(ready.get, True, 120)
     acks: dict[str, float] = {}
+    # CPU from the first send to the end of the drain: both messages processes
+    # (sends, fan-out) with their pool and listener backends, and the subscribers'
+    # processes (the sender, 50 calls/s from this process, is not counted).
+    target = target_of(*messages, names=(LISTENER_APPLICATION_NAME,))
+    before = await bench.probe.snapshot(target)
+    clients_before = [cpu.stat_cpu(proc.pid or 0) or 0.0 for proc in subscribers]
     async with grpc.aio.insecure_channel(messages[0].address) as channel:
         stub = messages_pb2_grpc.MessagesServiceStub(channel)
         start = time.monotonic()
@@ -340,6 +612,13 @@ async def delivery(
                 )
             )
             acks[reply.message.id] = time.time()
+    await asyncio.sleep(max(0.0, start + STREAM_SECONDS + drain - time.monotonic()))
+    after = await bench.probe.snapshot(target)
+    clients_s = sum(
+        (cpu.stat_cpu(proc.pid or 0) or 0.0) - b
+        for proc, b in zip(subscribers, clients_before, strict=True)
+    )
+    usage = cpu.Probe.usage(before, after, target)
     received: dict[str, list[float]] = {}
     ended: dict[str, int] = {}
     for _ in subscribers:
@@ -354,16 +633,15 @@ async def delivery(
     listeners = sum(len(spec.get("users") or ()) or spec["streams"] for spec in streams)
     expected = listeners * len(acks)
     _, p50, p99 = report.summarize(latencies, 1.0)
+    measured = Measured(len(latencies) / STREAM_SECONDS, p50, p99, len(latencies), usage, clients_s)
     bench.add(
-        report.Figure(
+        measured.figure(
             path,
             f"{listeners} streams on {len(streams)} processes, {STREAM_RATE} msg/s",
-            len(latencies) / STREAM_SECONDS,
-            p50,
-            p99,
             ceiling="send acknowledgement",
             note=f"{len(latencies):,} of {expected:,} deliveries measured"
-            + "".join(f"; {n} streams ended {code}" for code, n in sorted(ended.items())),
+            + "".join(f"; {n} streams ended {code}" for code, n in sorted(ended.items()))
+            + "; CPU per delivered event (sends, fan-out and the subscribers' processes)",
         )
     )
 
@@ -474,7 +752,7 @@ async def pgbench(bench: Bench, url: str) -> None:
         "WHERE p.n = :n;\n"
     )
     command = [binary, "-M", "prepared", "-n", "-c", "32", "-j", "2"]
-    command += ["-T", str(int(bench.args.duration)), "-f", str(script), url]
+    command += ["-T", str(max(1, int(bench.args.duration))), "-f", str(script), url]
     # The same send with and without the user streams' log (its two triggers
     # switched off for the second run only): what the log adds to a send.
     for setting, log_on in (
@@ -484,14 +762,25 @@ async def pgbench(bench: Bench, url: str) -> None:
         conn = await asyncpg.connect(url)
         await conn.execute(LOG_TRIGGERS_ON if log_on else LOG_TRIGGERS_OFF)
         await conn.close()
+        # pgbench's backends are gone when it ends: PostgreSQL's CPU is the tree's
+        # (the postmaster keeps its reaped children's CPU); pgbench's own is that
+        # of this process's reaped children.
+        target = cpu.Target()
+        before = await bench.probe.snapshot(target)
+        client_before = cpu.rusage_children_s()
         result = await asyncio.to_thread(
             subprocess.run, command, capture_output=True, text=True, timeout=300
         )
+        client_s = cpu.rusage_children_s() - client_before
+        after = await bench.probe.snapshot(target)
         tps = re.search(r"tps = ([\d.]+)", result.stdout)
         latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
+        done = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
         if tps is None or latency is None:
             say(f"pgbench failed: {result.stderr.strip()[:300]}")
             continue
+        calls = int(done.group(1)) if done else 0
+        usage = cpu.Probe.usage(before, after, target)
         bench.add(
             report.Figure(
                 "pgbench -M prepared send function",
@@ -499,7 +788,11 @@ async def pgbench(bench: Bench, url: str) -> None:
                 float(tps.group(1)),
                 float(latency.group(1)),
                 float("nan"),
-                note="p50 column: pgbench's average latency",
+                note="p50 column: pgbench's average latency; PostgreSQL CPU: the "
+                "whole tree over pgbench's run, connections included",
+                calls=calls,
+                client_cpu_us=cpu.per_call_us(client_s, calls),
+                db_tree_cpu_us=cpu.per_call_us(usage.db_tree_s, calls),
             )
         )
     conn = await asyncpg.connect(url)
@@ -507,12 +800,123 @@ async def pgbench(bench: Bench, url: str) -> None:
     await conn.close()
 
 
+def workers_supported() -> bool:
+    """Whether services read WORKERS (N processes on one port, SO_REUSEPORT)."""
+    return "WORKERS" in SETTINGS_VARIABLES
+
+
+async def workers_rounds(bench: Bench, url: str, start: Any) -> None:
+    """GetUser and SendMessage throughput and CPU per call with WORKERS=1 and 2.
+
+    For each path, its service with WORKERS=1 and with WORKERS=2, both up at
+    once; the rounds interleave the settings (`--repeats` of them, medians reported, the
+    WORKERS=2 figure's ratio the median of its rounds' throughput against
+    WORKERS=1 in the same round). WORKER_CLIENTS calls in flight from the two
+    client processes, each over WORKER_CHANNELS connections with their own
+    subchannel pools, so the kernel's SO_REUSEPORT hashing spreads them over the
+    workers (one shared connection would land on one worker). Service CPU is the
+    whole process tree's (bench.cpu.tree_cpu): every worker's.
+    """
+    if not workers_supported():
+        note = (
+            "WORKERS=1 vs 2 not measured: the services do not read a WORKERS "
+            "setting yet (services/common/settings.py); bench.workers_rounds is ready for it"
+        )
+        say(note)
+        bench.notes.append(note)
+        return
+    s = bench.seeded
+    paths = (
+        ("GetUser trusted", "users", {"kind": "get_user", "users": s.senders[:100]}),
+        ("SendMessage spread", "messages", {"kind": "send", "targets": s.spread}),
+    )
+    # One service at a time, its WORKERS=1 and WORKERS=2 processes up together:
+    # 3 pools of DB_POOL_MAX_SIZE (default 20) fit the server's max_connections
+    # (100 by default); 6 (both services) would not.
+    rounds: dict[tuple[str, str], list[report.Figure]] = {}
+    for path, name, spec in paths:
+        started: list[ServiceProcess] = []
+        try:
+            for workers in ("1", "2"):
+                started.append(await start(name, WORKERS=workers))
+            by_workers = dict(zip(("1", "2"), started, strict=True))
+            await measure_workers(bench, path, spec, by_workers, rounds)
+        finally:
+            for proc in started:
+                await proc.stop()
+    for figures in rounds.values():
+        bench.add(report.median_figure(figures))
+
+
+async def measure_workers(
+    bench: Bench,
+    path: str,
+    spec: dict[str, Any],
+    by_workers: dict[str, ServiceProcess],
+    rounds: dict[tuple[str, str], list[report.Figure]],
+) -> None:
+    for n in range(bench.args.repeats):
+        say(f"{path}: WORKERS=1 vs 2, round {n + 1} of {bench.args.repeats}")
+        one: float | None = None
+        for workers, proc in by_workers.items():
+            # How the connections spread: each worker's share of the service CPU
+            # (around the whole figure, warm-up included).
+            children = psutil.Process(proc.process.pid).children()
+            before = [cpu.stat_cpu(c.pid) or 0.0 for c in children]
+            measured = await bench.measure(
+                {**spec, "address": proc.address, "channels": WORKER_CHANNELS},
+                WORKER_CLIENTS,
+                target_of(proc),
+            )
+            used = [(cpu.stat_cpu(c.pid) or 0.0) - b for c, b in zip(children, before, strict=True)]
+            shares = ""
+            if len(used) > 1 and sum(used) > 0:
+                shares = "; workers' CPU shares " + " / ".join(
+                    f"{u / sum(used):.0%}" for u in sorted(used, reverse=True)
+                )
+            figure = measured.figure(
+                f"{path}, WORKERS={workers}",
+                f"{WORKER_CLIENTS} clients over {2 * WORKER_CHANNELS} connections",
+                ceiling="" if workers == "1" else "WORKERS=1, same round",
+                ratio=None if workers == "1" or not one else measured.throughput / one,
+                note="medians of interleaved rounds; service CPU of every worker" + shares,
+            )
+            if workers == "1":
+                one = measured.throughput
+            rounds.setdefault((path, workers), []).append(figure)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply data sizes (default 1)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per figure")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds of the CPU-per-call and WORKERS figures (medians; default 3)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: --scale 0.01 --duration 2 --warmup 0.5 unless given, "
+        "no stream or idle-memory figures",
+    )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="start the services with a /metrics port and report cache hit rates (bench.caches)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        given = {a.split("=")[0] for a in sys.argv[1:]}
+        if "--scale" not in given:
+            args.scale = 0.01
+        if "--duration" not in given:
+            args.duration = 2.0
+        if "--warmup" not in given:
+            args.warmup = 0.5
     return asyncio.run(run(args))
 
 

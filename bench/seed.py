@@ -32,6 +32,7 @@ class Seeded:
     hot_thread: str = ""
     hot_members: list[str] = field(default_factory=list)
     history: dict[int, str] = field(default_factory=dict)  # thread size -> thread
+    history_members: list[str] = field(default_factory=list)  # members of every history thread
     deep_tokens: dict[int, str] = field(default_factory=dict)
     inbox_user: str = ""
     inbox_threads: int = 0
@@ -94,6 +95,7 @@ async def seed(conn: asyncpg.Connection, *, scale: float, say: Any) -> Seeded:
     out.hot_thread, out.hot_members = str(hot), [str(u) for u in users[:200]]
 
     sizes = [int(10**k * scale) for k in (4, 5, 6)]
+    out.history_members = [str(u) for u in users[200:202]]
     for size in sizes:
         say(f"seeding a thread of {size:,} messages")
         thread = await _thread(conn, f"history{size}", users[200:202], size)

@@ -73,6 +73,7 @@ DECLARE
     v_digest bytea;
     v_existing_thread uuid;
     v_existing_digest bytea;
+    v_count bigint;
 BEGIN
     -- A deletion of the sender (chat_forget_user_messages) waits for this send,
     -- or this send waits for it and is then refused as 'inactive'.
@@ -124,7 +125,14 @@ BEGIN
     -- The message's position (notified at commit), and its time: after the
     -- thread's latest.
     v_last_seq := chat_bump_thread(p_thread_id, 1, true);
-    SELECT t.last_message_at INTO v_created FROM threads t WHERE t.id = p_thread_id;
+    -- The send counts its message in the unread counters itself (unread.sql):
+    -- the thread's count here, the sender's read count below; the triggers that
+    -- would count it stand aside until then. No one else has read it: every
+    -- other mark is at or before the thread's previous latest message.
+    UPDATE threads t SET message_count = t.message_count + 1
+    WHERE t.id = p_thread_id
+    RETURNING t.last_message_at, t.message_count INTO v_created, v_count;
+    PERFORM set_config('chat.unread_counted', 'on', true);
 
     INSERT INTO messages (thread_id, user_id, content, parent_id, metadata, seq, change_seq,
                           request_id, request_digest, created_at, updated_at)
@@ -141,8 +149,13 @@ BEGIN
     -- shows it through the message itself, not a read_marked event (events.sql).
     PERFORM set_config('chat.read_by_own_send', 'on', true);
     UPDATE thread_participants p
-    SET last_read_at = greatest(p.last_read_at, v_created)
+    SET last_read_at = greatest(p.last_read_at, v_created),
+        read_count = v_count - (
+            SELECT count(*) FROM messages m
+            WHERE m.thread_id = p_thread_id AND m.created_at > greatest(p.last_read_at, v_created)
+              AND m.user_id <> p_user_id AND m.status <> 'deleted')
     WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id;
+    PERFORM set_config('chat.unread_counted', 'off', true);
 
     RETURN QUERY SELECT 'created'::text, m.id, m.thread_id, m.user_id, m.content, m.parent_id,
         m.status, m.metadata, m.created_at, m.updated_at, m.seq, m.change_seq,

@@ -31,6 +31,7 @@ from services.threads.typing_limit import TypingLimiter, TypingSettings
 
 NAME_MAX = 255
 PARTICIPANTS_PER_CALL_MAX = 1000
+INT32_MAX = 2**31 - 1  # InboxThread.unread_count is an int32
 INBOX_PAGES = PageCodec(PageKind.INBOX, TIME_ID)
 PARTICIPANT_PAGES = PageCodec(PageKind.PARTICIPANTS, ID)
 
@@ -117,8 +118,8 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
                 threads_pb2.InboxThread(
                     thread=thread_to_proto(r.thread),
                     participant=participant_to_proto(r.participant),
-                    unread_count=min(r.unread, store.UNREAD_CAP),
-                    unread_count_capped=r.unread > store.UNREAD_CAP,
+                    unread_count=min(r.unread, INT32_MAX),
+                    unread_count_capped=False,  # deprecated: counts are exact
                 )
                 for r in rows
             ],
@@ -223,9 +224,10 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     ) -> threads_pb2.GetUnreadCountResponse:
         user_id = parse_uuid(request.user_id, "user_id")
         policy.acts_as(caller_of(context), user_id)
-        total, threads, capped = await self._pool.run(store.unread_totals, user_id)
+        total, threads = await self._pool.run(store.unread_totals, user_id)
+        # `capped` is deprecated: the total is exact.
         return threads_pb2.GetUnreadCountResponse(
-            total_unread=total, unread_threads=threads, capped=capped
+            total_unread=total, unread_threads=threads, capped=False
         )
 
     async def SendTyping(

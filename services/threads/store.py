@@ -15,17 +15,18 @@ from services.common.rows import column_list, masked_update, row_of
 from services.common.statement_names import named
 from services.common.types import DbConnection
 
-# Unread counts are exact up to this many per thread; beyond it the count says
-# "UNREAD_CAP+" (capped). Counting stops there, so an inbox page costs at most
-# page_size * (UNREAD_CAP + 1) index entries however large the backlog.
-UNREAD_CAP = 100
+# Unread counts are exact, read from counters (db/functions/unread.sql,
+# migration 0014): a thread's unread count for a participant is
+# threads.message_count - thread_participants.read_count, the others' messages
+# after their read mark, not deleted. Two integers per thread, whatever the
+# backlog; nothing is counted on a read.
 
 
 @dataclass(frozen=True)
 class InboxRow:
     thread: ThreadRow
     participant: ParticipantRow
-    unread: int  # at most UNREAD_CAP + 1; more than UNREAD_CAP means capped
+    unread: int  # exact
     activity_at: datetime
 
 
@@ -132,7 +133,9 @@ LIST_PARTICIPANTS = named(
 # created_at under that lock in commit order, so the mark covers exactly what was
 # committed when MarkRead ran; a message acknowledged after MarkRead returned is
 # newer than the mark, hence unread. A given read_at is capped there too (a clock
-# reading could cover a send stamped earlier but committed later).
+# reading could cover a send stamped earlier but committed later). A mark that
+# moves gets its read_count counted again by a trigger (db/functions/unread.sql),
+# under the same lock, so the unread count matches the mark it returns.
 MARK_READ = named(
     "threads.mark_read",
     f"""
@@ -150,25 +153,15 @@ MARK_READ = named(
     RETURNING {column_list(ParticipantRow, alias="p")}
     """,  # noqa: S608
 )
-# The inbox: the user's memberships, newest activity first, each with its unread
-# count under the cap (an index range scan of idx_messages_thread that stops
-# after UNREAD_CAP + 1 matching messages).
+# The inbox: the user's memberships, newest activity first, each with its exact
+# unread count from the counters.
 INBOX = named(
     "threads.inbox",
     f"""
     SELECT {column_list(ThreadRow, alias="t")},
            coalesce(t.last_message_at, t.created_at) AS activity_at,
            p.thread_id, p.user_id, p.role, p.last_read_at, p.created_at AS joined_at,
-           CASE WHEN t.last_message_at > coalesce(p.last_read_at, '-infinity') THEN (
-               SELECT count(*) FROM (
-                   SELECT 1 FROM messages m
-                   WHERE m.thread_id = t.id
-                     AND m.created_at > coalesce(p.last_read_at, '-infinity')
-                     AND m.user_id <> p.user_id
-                     AND m.status <> 'deleted'
-                   LIMIT $6
-               ) capped
-           ) ELSE 0 END AS unread
+           greatest(t.message_count - p.read_count, 0) AS unread
     FROM thread_participants p
     JOIN threads t ON t.id = p.thread_id
     WHERE p.user_id = $1
@@ -179,28 +172,15 @@ INBOX = named(
     LIMIT $5
     """,  # noqa: S608
 )
-# Per-thread counts under the cap (computed once per thread in the LATERAL),
-# summed over the user's non-archived threads that had activity since their read mark.
+# The exact counts summed over the user's non-archived threads with unread
+# messages: one row of each of their memberships and threads, nothing counted.
 UNREAD_TOTALS = named(
     "threads.unread_totals",
     """
-    SELECT coalesce(sum(least(c.n, $2)), 0) AS total,
-           count(*) FILTER (WHERE c.n > 0) AS threads,
-           coalesce(bool_or(c.n > $2), false) AS capped
+    SELECT coalesce(sum(t.message_count - p.read_count), 0) AS total, count(*) AS threads
     FROM thread_participants p
     JOIN threads t ON t.id = p.thread_id
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS n FROM (
-            SELECT 1 FROM messages m
-            WHERE m.thread_id = t.id
-              AND m.created_at > coalesce(p.last_read_at, '-infinity')
-              AND m.user_id <> p.user_id
-              AND m.status <> 'deleted'
-            LIMIT $2 + 1
-        ) capped
-    ) c
-    WHERE p.user_id = $1 AND NOT t.is_archived
-      AND t.last_message_at > coalesce(p.last_read_at, '-infinity')
+    WHERE p.user_id = $1 AND NOT t.is_archived AND t.message_count > p.read_count
     """,
 )
 
@@ -343,7 +323,6 @@ async def inbox(
         after[0] if after else None,
         after[1] if after else None,
         limit,
-        UNREAD_CAP + 1,
     )
     return [
         InboxRow(
@@ -356,11 +335,11 @@ async def inbox(
     ]
 
 
-async def unread_totals(conn: DbConnection, user_id: UUID) -> tuple[int, int, bool]:
-    """(total unread, threads with unread, whether any thread hit the cap)."""
-    row = await conn.fetchrow(UNREAD_TOTALS, user_id, UNREAD_CAP)
+async def unread_totals(conn: DbConnection, user_id: UUID) -> tuple[int, int]:
+    """(total unread, threads with unread), exact."""
+    row = await conn.fetchrow(UNREAD_TOTALS, user_id)
     assert row is not None
-    return int(row["total"]), int(row["threads"]), bool(row["capped"])
+    return int(row["total"]), int(row["threads"])
 
 
 async def notify_typing(

@@ -116,6 +116,31 @@ async def assert_invariants(conn: asyncpg.Connection) -> None:
             """
         )
         assert problems == [], (messages_table, [tuple(r) for r in problems])
+    # Unread counters (0014, db/functions/unread.sql) are the definition's counts;
+    # archived rows hold 0.
+    if await conn.fetchval(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = 'threads'::regclass"
+        " AND attname = 'message_count' AND NOT attisdropped"
+    ):
+        miscounted = await conn.fetch(
+            """
+            SELECT p.thread_id, p.user_id FROM thread_participants p
+            JOIN threads t ON t.id = p.thread_id
+            WHERE t.message_count - p.read_count <> (
+                SELECT count(*) FROM messages m
+                WHERE m.thread_id = p.thread_id
+                  AND m.created_at > coalesce(p.last_read_at, '-infinity')
+                  AND m.user_id <> p.user_id AND m.status <> 'deleted')
+            UNION ALL
+            SELECT t.id, NULL FROM threads t WHERE t.message_count <> (
+                SELECT count(*) FROM messages m WHERE m.thread_id = t.id AND m.status <> 'deleted')
+            UNION ALL
+            SELECT id, NULL FROM archived_threads WHERE message_count <> 0
+            UNION ALL
+            SELECT thread_id, user_id FROM archived_thread_participants WHERE read_count <> 0
+            """
+        )
+        assert miscounted == [], [tuple(r) for r in miscounted]
     # A direct thread's key is its two participants' pair (services/threads/store.py),
     # or, when it no longer has two, something that is no pair.
     # A deleted user's direct thread keeps the pair it had, or (after a rollback

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -140,30 +139,44 @@ async def test_unread_counts_follow_sends_reads_and_deletes(
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_unread_count_is_capped(threads: Stub, db_pool: asyncpg.Pool) -> None:
+async def test_unread_counts_are_exact_beyond_100(threads: Stub, db_pool: asyncpg.Pool) -> None:
+    """No cap any more: 250 unread is 250, through the real service, and the
+    deprecated `capped` fields are always false."""
     me, other = await new_users(db_pool, 2)
     thread = await group(threads, other, me)
-    await send(db_pool, thread, other)
+    quiet = await group(threads, other, me, name="quiet")
+    for _ in range(100):
+        await send(db_pool, thread, other)
+    # A writer other than the send (and older than the sends): 150 more, 10 deleted.
     await db_pool.execute(
-        "INSERT INTO messages (thread_id, user_id, content, created_at) "
-        "SELECT $1, $2, 'm', now() - make_interval(secs => g) FROM generate_series(1, 150) g",
+        "INSERT INTO messages (thread_id, user_id, content, status, created_at) "
+        "SELECT $1, $2, 'm', CASE WHEN g <= 10 THEN 'deleted' ELSE 'sent' END,"
+        " now() - interval '1 hour' - make_interval(secs => g) FROM generate_series(1, 160) g",
         uuid.UUID(thread),
         uuid.UUID(other),
     )
-    [row] = await inbox(threads, me)
-    assert (row.unread_count, row.unread_count_capped) == (store.UNREAD_CAP, True)
+    await send(db_pool, quiet, other)
+    rows = {r.thread.name: r for r in await inbox(threads, me)}
+    assert (rows["t"].unread_count, rows["t"].unread_count_capped) == (250, False)
+    assert (rows["quiet"].unread_count, rows["quiet"].unread_count_capped) == (1, False)
     reply = await threads.GetUnreadCount(
         threads_pb2.GetUnreadCountRequest(user_id=me), metadata=as_user(me)
     )
-    assert (reply.total_unread, reply.capped) == (store.UNREAD_CAP, True)
-
-
-def _messages_rows_read(plan: dict[str, Any]) -> float:
-    """Rows produced by every scan of `messages` in an EXPLAIN ANALYZE plan."""
-    own = 0.0
-    if plan.get("Relation Name") == "messages":
-        own = plan["Actual Rows"] * plan["Actual Loops"]
-    return own + sum(_messages_rows_read(child) for child in plan.get("Plans", []))
+    assert (reply.total_unread, reply.unread_threads, reply.capped) == (251, 2, False)
+    # The sender has read their own; a mark in the middle leaves what is after it.
+    assert await unread(threads, other) == (0, 0)
+    middle = await db_pool.fetchval(
+        "SELECT created_at FROM messages WHERE thread_id = $1 AND content = 'hi'"
+        " ORDER BY created_at OFFSET 39 LIMIT 1",
+        uuid.UUID(thread),
+    )
+    read_at = timestamp_pb2.Timestamp()
+    read_at.FromDatetime(middle)
+    await threads.MarkRead(
+        threads_pb2.MarkReadRequest(thread_id=thread, user_id=me, read_at=read_at),
+        metadata=as_user(me),
+    )
+    assert await unread(threads, me) == (60 + 1, 2)
 
 
 async def _seed_backlog(
@@ -193,10 +206,10 @@ async def _seed_backlog(
 
 
 @pytest.mark.parametrize("backlog", [300, 3000])
-async def test_inbox_page_work_is_bounded_whatever_the_backlog(
+async def test_inbox_and_totals_read_no_messages_whatever_the_backlog(
     db_pool: asyncpg.Pool, backlog: int
 ) -> None:
-    """A page of 50 reads at most 50 * (cap + 1) message index entries, for any backlog."""
+    """The inbox page and the totals read counters, never a message row, and are exact."""
     me, other = await new_users(db_pool, 2)
     await _seed_backlog(db_pool, me, other, threads=60, backlog=backlog)
     page_size = 50
@@ -208,21 +221,15 @@ async def test_inbox_page_work_is_bounded_whatever_the_backlog(
             None,
             None,
             page_size + 1,
-            store.UNREAD_CAP + 1,
         )
         rows = await store.inbox(conn, uuid.UUID(me), include_archived=False, after=None, limit=51)
         totals = await store.unread_totals(conn, uuid.UUID(me))
         raw_totals = await conn.fetchval(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) {store.UNREAD_TOTALS}", uuid.UUID(me), store.UNREAD_CAP
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {store.UNREAD_TOTALS}", uuid.UUID(me)
         )
-    plan = json.loads(raw)[0]["Plan"]
-    read = _messages_rows_read(plan)
-    # Only the 51 threads of the page (limit + 1) are counted, each at most cap + 1 rows.
-    assert read <= (page_size + 1) * (store.UNREAD_CAP + 1)
-    assert all(r.unread == store.UNREAD_CAP + 1 for r in rows)
-    assert totals == (60 * store.UNREAD_CAP, 60, True)
-    totals_read = _messages_rows_read(json.loads(raw_totals)[0]["Plan"])
-    assert totals_read <= 60 * (store.UNREAD_CAP + 1)
+    assert '"Relation Name": "messages"' not in raw + raw_totals
+    assert all(r.unread == backlog for r in rows)
+    assert totals == (60 * backlog, 60)
 
 
 @pytest.mark.parametrize(

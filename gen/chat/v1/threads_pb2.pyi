@@ -304,9 +304,9 @@ class InboxThread(_message.Message):
     UNREAD_COUNT_FIELD_NUMBER: _builtins.int
     UNREAD_COUNT_CAPPED_FIELD_NUMBER: _builtins.int
     unread_count: _builtins.int
-    """Unread messages, exact up to `unread_count_capped`'s cap."""
+    """Unread messages: the others' messages after the read mark, not deleted. Exact."""
     unread_count_capped: _builtins.bool
-    """True when there are more unread messages than `unread_count` says."""
+    """Deprecated: always false (counts are exact, there is no cap any more)."""
     @_builtins.property
     def thread(self) -> Global___Thread: ...
     @_builtins.property
@@ -692,11 +692,11 @@ class GetUnreadCountResponse(_message.Message):
     UNREAD_THREADS_FIELD_NUMBER: _builtins.int
     CAPPED_FIELD_NUMBER: _builtins.int
     total_unread: _builtins.int
-    """Unread messages over all non-archived threads (each thread counted up to its cap)."""
+    """Unread messages over all non-archived threads. Exact."""
     unread_threads: _builtins.int
     """Non-archived threads with at least one unread message."""
     capped: _builtins.bool
-    """True when some thread's count hit its cap, so `total_unread` is a lower bound."""
+    """Deprecated: always false (counts are exact, there is no cap any more)."""
     def __init__(
         self,
         *,

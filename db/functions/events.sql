@@ -65,20 +65,16 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Unread messages for a participant at read mark `p_mark`, counted up to
--- p_cap + 1 (the inbox's rule: others' messages after the mark, not deleted).
-CREATE OR REPLACE FUNCTION chat_unread_after(
-    p_thread_id uuid, p_user_id uuid, p_mark timestamptz, p_cap integer
-) RETURNS integer
+-- A participant's unread count, exact, from the counters (unread.sql); 0 for
+-- one who is gone. It replaced chat_unread_after, which counted messages up to a cap:
+-- squawk-ignore ban-drop-function
+DROP FUNCTION IF EXISTS chat_unread_after(uuid, uuid, timestamptz, integer);
+CREATE OR REPLACE FUNCTION chat_unread_of(p_thread_id uuid, p_user_id uuid) RETURNS bigint
 LANGUAGE sql STABLE AS $$
-    SELECT count(*)::integer FROM (
-        SELECT 1 FROM messages m
-        WHERE m.thread_id = p_thread_id
-          AND m.created_at > coalesce(p_mark, '-infinity')
-          AND m.user_id <> p_user_id
-          AND m.status <> 'deleted'
-        LIMIT p_cap + 1
-    ) capped
+    SELECT coalesce((
+        SELECT t.message_count - p.read_count
+        FROM threads t JOIN thread_participants p ON p.thread_id = t.id
+        WHERE t.id = p_thread_id AND p.user_id = p_user_id), 0)
 $$;
 
 -- Participants (at commit, as messages): joined (created a thread, added, a
@@ -118,8 +114,8 @@ BEGIN
             VALUES (NEW.thread_id, 'read_marked', NEW.user_id,
                     jsonb_build_object(
                         'participant', to_jsonb(NEW),
-                        'unread', chat_unread_after(NEW.thread_id, NEW.user_id,
-                                                    NEW.last_read_at, 100)));
+                        'unread', chat_unread_of(NEW.thread_id, NEW.user_id),
+                        'exact', true));
         END IF;
     END IF;
     RETURN NULL;

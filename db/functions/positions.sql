@@ -16,9 +16,10 @@
 -- lock already (a send, an edit, a deletion, DeleteUser) or take it here (the
 -- trigger below). Used by chat_send_message, chat_assign_message_seq,
 -- chat_forget_user_messages and the messages service's edit, delete and attach.
--- With `p_new_message` it also stamps last_message_at, strictly after the
--- thread's latest (a send's created_at), in the same UPDATE: a send writes one
--- new version of the thread row, not two.
+-- With `p_new_message` (a send: chat_send_message) it also stamps
+-- last_message_at, strictly after the thread's latest (the send's created_at),
+-- and counts the new message in threads.message_count (unread.sql), in the
+-- same UPDATE: a send writes one new version of the thread row, not two.
 -- The two-argument form this replaced (a database that applied it would
 -- otherwise find two candidates for chat_bump_thread(x)).
 -- squawk-ignore ban-drop-function
@@ -35,7 +36,8 @@ BEGIN
         last_message_at = CASE WHEN p_new_message
             THEN greatest(clock_timestamp(),
                           coalesce(t.last_message_at, '-infinity') + interval '1 microsecond')
-            ELSE t.last_message_at END
+            ELSE t.last_message_at END,
+        message_count = t.message_count + CASE WHEN p_new_message THEN 1 ELSE 0 END
     WHERE t.id = p_thread_id
     RETURNING t.last_seq INTO v_last_seq;
     IF FOUND AND current_setting('chat.wake_after_commit', true) IS DISTINCT FROM 'on' THEN

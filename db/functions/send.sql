@@ -122,16 +122,14 @@ BEGIN
         FROM (SELECT 1) AS one LEFT JOIN messages m ON m.id = v_id;
         RETURN;
     END IF;
-    -- The message's position (notified at commit), and its time: after the
-    -- thread's latest.
+    -- The message's position, its time (after the thread's latest) and its
+    -- place in the unread counters (unread.sql): chat_bump_thread counts it in the
+    -- thread's message_count, the sender's read count follows below, and the
+    -- triggers that would count it stand aside until then. No one else has read
+    -- it: every other mark is at or before the thread's previous latest message.
     v_last_seq := chat_bump_thread(p_thread_id, 1, true);
-    -- The send counts its message in the unread counters itself (unread.sql):
-    -- the thread's count here, the sender's read count below; the triggers that
-    -- would count it stand aside until then. No one else has read it: every
-    -- other mark is at or before the thread's previous latest message.
-    UPDATE threads t SET message_count = t.message_count + 1
-    WHERE t.id = p_thread_id
-    RETURNING t.last_message_at, t.message_count INTO v_created, v_count;
+    SELECT t.last_message_at, t.message_count INTO v_created, v_count
+    FROM threads t WHERE t.id = p_thread_id;
     PERFORM set_config('chat.unread_counted', 'on', true);
 
     INSERT INTO messages (thread_id, user_id, content, parent_id, metadata, seq, change_seq,
@@ -140,10 +138,13 @@ BEGIN
             p_request_id, v_digest, v_created, v_created)
     RETURNING id INTO v_id;
 
+    -- Attachments are listed by (created_at, id): a microsecond apiece keeps
+    -- them in the order the sender gave (their ids are random).
     INSERT INTO message_attachments (message_id, url, type, name, size, metadata, created_at)
-    SELECT v_id, a ->> 'url', a ->> 'type', a ->> 'name', (a ->> 'size')::integer,
-           nullif(a -> 'metadata', 'null'::jsonb), v_created
-    FROM jsonb_array_elements(coalesce(p_attachments, '[]'::jsonb)) AS a;
+    SELECT v_id, a.value ->> 'url', a.value ->> 'type', a.value ->> 'name',
+           (a.value ->> 'size')::integer, nullif(a.value -> 'metadata', 'null'::jsonb),
+           v_created + (a.n - 1) * interval '1 microsecond'
+    FROM jsonb_array_elements(coalesce(p_attachments, '[]'::jsonb)) WITH ORDINALITY AS a (value, n);
 
     -- The sender has read everything up to their own message. Their user stream
     -- shows it through the message itself, not a read_marked event (events.sql).
@@ -156,6 +157,8 @@ BEGIN
               AND m.user_id <> p_user_id AND m.status <> 'deleted')
     WHERE p.thread_id = p_thread_id AND p.user_id = p_user_id;
     PERFORM set_config('chat.unread_counted', 'off', true);
+    -- Only this mark move is the send's: a later one in the same transaction logs.
+    PERFORM set_config('chat.read_by_own_send', 'off', true);
 
     RETURN QUERY SELECT 'created'::text, m.id, m.thread_id, m.user_id, m.content, m.parent_id,
         m.status, m.metadata, m.created_at, m.updated_at, m.seq, m.change_seq,

@@ -34,8 +34,9 @@ LEAVE_REASONS = {
     "left": messages_pb2.LEAVE_REASON_LEFT,
     "thread_deleted": messages_pb2.LEAVE_REASON_THREAD_DELETED,
 }
-# A read mark's unread count is exact up to this (the inbox's cap).
-UNREAD_CAP = 100
+# Events logged before unread counts were exact (migration 0014) counted up to
+# this and one more; newer ones say "exact" (db/functions/events.sql).
+LEGACY_UNREAD_CAP = 100
 
 # -- cursors -----------------------------------------------------------------
 # A user stream's cursor is a position in the one log every user stream reads;
@@ -158,11 +159,12 @@ def _response(event: LogEvent, variant: str) -> Response:
     if variant == "read_marked":
         participant = payload["participant"]
         unread = int(payload["unread"])
+        capped = not payload.get("exact") and unread > LEGACY_UNREAD_CAP
         marked = messages_pb2.ReadMarked(
             thread_id=str(event.thread_id),
             last_read_at=to_timestamp(_time(participant["last_read_at"])),
-            unread_count=min(unread, UNREAD_CAP),
-            unread_count_capped=unread > UNREAD_CAP,
+            unread_count=min(unread, LEGACY_UNREAD_CAP) if capped else unread,
+            unread_count_capped=capped,
         )
         return Response(cursor=cursor, read_marked=marked)
     # participant_added / participant_removed / participant_updated

@@ -19,7 +19,7 @@ from chat.v1 import (
     users_pb2,
     users_pb2_grpc,
 )
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION as MESSAGES
@@ -617,4 +617,29 @@ async def test_a_send_moves_the_senders_mark_without_a_read_marked_event(
     assert marked is not None
     await sequenced(db_pool)
     assert [kind(e) for e in await replay(channels["messages"], alice, start)] == expected
+    stream.close()
+
+
+async def test_a_read_mark_event_carries_the_exact_unread_count_past_100(
+    channels: dict[str, grpc.aio.Channel], db_pool: asyncpg.Pool, threads: Any
+) -> None:
+    """read_marked says how many are left unread, exactly (the counters of
+    db/functions/unread.sql), however many: no cap at 100 any more."""
+    alice, bob = await new_users(db_pool, 2)
+    thread = await new_group(db_pool, bob, alice)
+    ids = [await send(db_pool, thread, bob, f"m{i}") for i in range(130)]
+    tenth = await db_pool.fetchval(
+        "SELECT created_at FROM messages WHERE id = $1", uuid.UUID(ids[9])
+    )
+    await sequenced(db_pool)
+    stream = Follower(channels["messages"], alice)
+    await stream.caught_up()
+    read_at = timestamp_pb2.Timestamp()
+    read_at.FromDatetime(tenth)
+    await threads.MarkRead(
+        threads_pb2.MarkReadRequest(thread_id=thread, user_id=alice, read_at=read_at)
+    )
+    event = await stream.next()
+    assert kind(event) == "read_marked"
+    assert (event.read_marked.unread_count, event.read_marked.unread_count_capped) == (120, False)
     stream.close()

@@ -967,8 +967,9 @@ class ReadMarked(_message.Message):
     UNREAD_COUNT_CAPPED_FIELD_NUMBER: _builtins.int
     thread_id: _builtins.str
     unread_count: _builtins.int
-    """The thread's unread count for the user after the mark, exact up to the
-    inbox's cap (100); `unread_count_capped` says it is more.
+    """The thread's unread count for the user after the mark, exact.
+    `unread_count_capped` is deprecated: false, except on events logged before
+    counts were exact (then the count stops at 100 and it says there are more).
     """
     unread_count_capped: _builtins.bool
     @_builtins.property

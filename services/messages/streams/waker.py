@@ -12,7 +12,9 @@ second. Instead, once a write has committed, the servicer calls
 - the wake-up is queued for the other processes: one task sends everything
   queued in one transaction (chat_notify_thread_events), then what was queued
   meanwhile, and so on: batches grow with load, with no timer to wait for. Per
-  thread only the newest position is kept.
+  thread only the newest position is kept. A graceful stop sends what is
+  queued (at most WAKE_FLUSH_S) before the task ends: calls drained at
+  shutdown commit too.
 
 A wake-up that never goes out (the process died right after the commit, the
 notification failed, the queue was full) costs latency, never an event: every
@@ -46,6 +48,9 @@ WAKE_PENDING_MAX = 10_000
 # Wake-ups per NOTIFY transaction.
 WAKE_BATCH_MAX = 1_000
 WAKE_RETRY_S = 0.5
+# At a graceful stop, how long the wake-ups of the last writes get to go out
+# (the other processes' catch-up read delivers what misses it).
+WAKE_FLUSH_S = 1.0
 
 WAKES_DROPPED = Counter(
     "chat_stream_wakes_dropped_total",
@@ -62,15 +67,27 @@ class Waker:
         self._wake_here = wake_here
         self._pending: dict[UUID, tuple[int, str | None]] = {}
         self._queued = asyncio.Event()
+        # Set while nothing is queued or being sent.
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._send_forever(), name="stream-waker")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Send what the last writes queued (at most WAKE_FLUSH_S), then stop: calls
+        drained at shutdown commit, and their wake-ups must not die with the queue."""
+        if self._task is None:
+            return
+        if not self._task.done():
+            try:
+                async with asyncio.timeout(WAKE_FLUSH_S):
+                    await self._drained.wait()
+            except TimeoutError:
+                WAKES_DROPPED.inc(len(self._pending))
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
     def committed(self, thread_id: UUID, position: int, traceparent: str | None = None) -> None:
         """A write to `thread_id` committed at `position`: wake its streams."""
@@ -81,6 +98,7 @@ class Waker:
             return
         if queued is None or position > queued[0]:
             self._pending[thread_id] = (position, traceparent)
+        self._drained.clear()
         self._queued.set()
 
     async def _send_forever(self) -> None:
@@ -111,3 +129,4 @@ class Waker:
                         exc,
                     )
                     await asyncio.sleep(jittered(WAKE_RETRY_S))
+            self._drained.set()  # no await since the queue was found empty

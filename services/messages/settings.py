@@ -25,6 +25,9 @@ class MessagesSettings(BaseSettings):
     # events and, past the first, about this many bytes of them.
     stream_fetch_batch: int = Field(default=200, ge=1, le=10_000, alias="STREAM_FETCH_BATCH")
     stream_fetch_bytes: int = Field(default=1024 * 1024, ge=16 * 1024, alias="STREAM_FETCH_BYTES")
+    # Between the live batches of a backlog, each stream of the thread gets this
+    # long to drain to half its buffer before the next batch (streams/fanout.py).
+    stream_backlog_wait_s: float = Field(default=2.0, ge=0, le=60, alias="STREAM_BACKLOG_WAIT")
     # A page of ListMessages, ListReplies, ListUserMessages or SearchMessages is at
     # most this many bytes serialised (next_page_token included): it ends early,
     # with a token, before the message that would cross it, and always holds at

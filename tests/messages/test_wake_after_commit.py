@@ -95,3 +95,27 @@ async def test_bursts_through_one_process_reach_streams_on_another_once_in_order
                 stream.cancel()
     finally:
         assert await other.stop() == 0
+
+
+async def test_a_backlog_reaches_a_reading_stream_whole_not_cut_off(
+    server: MessagesServer, room: Room, database_url: str
+) -> None:
+    """600 messages committed at once with no wake-up (as after an outage or a lost
+    notification): the feed catches up in batches of half a buffer and waits for
+    the stream to drain between them, so a client that keeps reading gets all of
+    them in order instead of STREAM_BUFFER_FULL (the buffer holds 256)."""
+    watcher = open_stream(server.stub, room)
+    await until_caught_up(watcher)
+    writer = await asyncpg.connect(database_url, server_settings=WAKE)
+    try:
+        ids = await writer.fetch(
+            "SELECT s.id FROM generate_series(1, 600) g, LATERAL chat_send_message("
+            "$1, $2, 'backlog ' || g, NULL, NULL, NULL, '[]'::jsonb) s ORDER BY s.seq",
+            uuid.UUID(room.thread_id),
+            uuid.UUID(room.member),
+        )
+    finally:
+        await writer.close()
+    events = await read(watcher, len(ids))
+    assert [e.created.id for e in events] == [str(r["id"]) for r in ids]
+    watcher.cancel()

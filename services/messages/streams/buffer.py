@@ -51,6 +51,9 @@ class StreamBuffer(Generic[Item]):
         self._items: collections.deque[tuple[Item, int]] = collections.deque()
         self._bytes = 0
         self._wake = asyncio.Event()
+        # Set while at most half full (events and bytes): room for another batch.
+        self._half_empty = asyncio.Event()
+        self._half_empty.set()
         self._error: DomainError | None = None
         self._started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         # The RPC this buffer serves: ended from here when the buffer ends.
@@ -87,6 +90,15 @@ class StreamBuffer(Generic[Item]):
         self._bytes += size
         DELIVERED.inc()
         self._wake.set()
+        if not self._at_most_half_full():
+            self._half_empty.clear()
+
+    def _at_most_half_full(self) -> bool:
+        return len(self._items) <= self._max_events // 2 and self._bytes <= self._max_bytes // 2
+
+    async def half_empty(self) -> None:
+        """Return once at most half full (or ended): room for a batch of half a buffer."""
+        await self._half_empty.wait()
 
     def end(self, error: DomainError) -> None:
         """Stop the stream with `error`; buffered items are dropped (the cursor has them)."""
@@ -96,6 +108,7 @@ class StreamBuffer(Generic[Item]):
         self._items.clear()
         self._bytes = 0
         self._wake.set()
+        self._half_empty.set()
         if not self._started.done():
             self._started.set_exception(error)
             self._started.exception()  # retrieved: nobody may be waiting yet
@@ -109,6 +122,8 @@ class StreamBuffer(Generic[Item]):
             if self._items:
                 item, size = self._items.popleft()
                 self._bytes -= size
+                if self._at_most_half_full():
+                    self._half_empty.set()
                 return item
             self._wake.clear()
             await self._wake.wait()

@@ -97,6 +97,9 @@ class Fanout:
         self._feeds: dict[UUID, _Feed] = {}
         self._open = 0
         self._fetch_slots = asyncio.Semaphore(settings.stream_fetch_concurrency)
+        # A live batch fits half a stream's buffer (see _room_for_more).
+        self._live_batch = min(settings.stream_fetch_batch, max(1, settings.stream_buffer // 2))
+        self._live_batch_bytes = min(settings.stream_fetch_bytes, settings.stream_buffer_bytes // 2)
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------
@@ -258,8 +261,8 @@ class Fanout:
         while feed.dirty and self._feeds.get(feed.thread_id) is feed:
             feed.dirty = False
             try:
-                async with self._fetch_slots:
-                    await self._fetch(feed)
+                while not await self._fetch_batch(feed):
+                    await self._room_for_more(feed)
                 delay = self._settings.listener_retry_s
             except QUERY_FAILURES as exc:
                 # Only this thread waits; the others keep flowing.
@@ -287,9 +290,28 @@ class Fanout:
                     sub.end(Unavailable("live delivery failed; resume from your cursor"))
                 return
 
-    async def _fetch(self, feed: _Feed) -> None:
-        """New events once for every subscriber; then who may still read them."""
-        while True:
+    async def _room_for_more(self, feed: _Feed) -> None:
+        """Between the batches of a backlog (after an outage, a lost wake-up, a
+        burst): wait until every stream of the feed has drained to half its buffer,
+        which a batch fits, for at most STREAM_BACKLOG_WAIT. A stream whose client
+        keeps reading is then never cut off by a backlog; one that does not drain
+        in time gets the next batch anyway and is cut off as a slow consumer, so it
+        holds the others up by at most that long per batch."""
+        waits = [
+            asyncio.ensure_future(sub.half_empty())
+            for sub in feed.subscribers
+            if sub.start_seq is not None and not sub.ended
+        ]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=self._settings.stream_backlog_wait_s)
+        for wait in pending:
+            wait.cancel()
+
+    async def _fetch_batch(self, feed: _Feed) -> bool:
+        """One batch of new events for every subscriber, then who may still read
+        them; True when nothing more was waiting."""
+        async with self._fetch_slots:  # released between a backlog's batches
             recheck, feed.recheck = feed.recheck, False
             causes, feed.causes = feed.causes, []
             batch = store.EventBatch([], complete=True)
@@ -303,8 +325,8 @@ class Fanout:
                             conn,
                             feed.thread_id,
                             feed.position,
-                            self._settings.stream_fetch_batch,
-                            self._settings.stream_fetch_bytes,
+                            self._live_batch,
+                            self._live_batch_bytes,
                         )
                     # Access after events: see the module docstring. Subscribers that
                     # join while a check is in flight are checked in another round.
@@ -324,8 +346,7 @@ class Fanout:
                     # Still inside the block: releasing the connection awaits, and a
                     # subscriber joining then must not be served unchecked.
                     self._distribute(feed, batch, checked)
-            if batch.complete:
-                return
+            return batch.complete
 
     def _distribute(
         self,

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from pydantic import ValidationError
 
 from services.common.errors import InvalidArgument
 from services.common.pagination import (
@@ -58,3 +61,42 @@ def test_page_tokens_round_trip_and_refuse_misuse() -> None:
         with pytest.raises(InvalidArgument) as caught:
             decode_page_token(bad_token, kind, params)
         assert caught.value.violations[0].field == "page_token"
+
+
+def _bounded_fields() -> list[tuple[type[Any], str, str, float, float]]:
+    """(model, alias, kind, bound, step) for every numeric setting with a bound."""
+    from annotated_types import Ge, Gt, Le, Lt
+
+    from services.messages.settings import MessagesSettings
+    from services.threads.typing_limit import TypingSettings
+
+    found = []
+    for model in (ServiceSettings, MessagesSettings, TypingSettings):
+        for field in model.model_fields.values():
+            step = 1 if field.annotation is int else 0.001
+            for bound in field.metadata:
+                for kind, cls in (("ge", Ge), ("gt", Gt), ("le", Le), ("lt", Lt)):
+                    if isinstance(bound, cls) and field.alias:
+                        found.append((model, field.alias, kind, getattr(bound, kind), step))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("model", "alias", "kind", "bound", "step"),
+    _bounded_fields(),
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_every_bounded_setting_refuses_a_value_past_its_bound(
+    model: type[Any], alias: str, kind: str, bound: float, step: float
+) -> None:
+    """Every limit is explicit: one step past each bound is refused with the
+    setting named, and the bound itself (where inclusive) is accepted."""
+    outside = bound - step if kind in ("ge", "gt") else bound + step
+    if kind in ("gt", "lt"):
+        outside = bound
+    base = {"DATABASE_URL": "postgresql://x@127.0.0.1/x"} if model is ServiceSettings else {}
+    with pytest.raises(ValidationError) as caught:
+        model(**base, **{alias: outside})
+    assert alias in str(caught.value)
+    if kind in ("ge", "le"):
+        model(**base, **{alias: bound})

@@ -45,6 +45,7 @@ from devtools.processes import SETTINGS_VARIABLES, ServiceProcess, start_service
 from services.common import settings as service_settings
 from services.common.embedded import EmbeddedPostgres
 from services.common.pagination import TIME_ID, PageCodec, PageKind
+from services.messages.service import DEFINITION as MESSAGES
 from services.messages.streams.listener import APPLICATION_NAME as LISTENER_APPLICATION_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -753,11 +754,15 @@ async def pgbench(bench: Bench, url: str) -> None:
     )
     command = [binary, "-M", "prepared", "-n", "-c", "32", "-j", "2"]
     command += ["-T", str(max(1, int(bench.args.duration))), "-f", str(script), url]
-    # The same send with and without the user streams' log (its two triggers
-    # switched off for the second run only): what the log adds to a send.
-    for setting, log_on in (
-        ("32 clients, with the event log", True),
-        ("32 clients, no log", False),
+    # The send as SendMessage runs it (its session settings: no NOTIFY in the
+    # transaction, streams woken after commit), then with the NOTIFY in the
+    # transaction as before issue 18 (the ceiling it raised), then without the user
+    # streams' log (its two triggers off for that run only): what each costs.
+    as_service = " ".join(f"-c {k}={v}" for k, v in MESSAGES.session_settings.items())
+    for setting, log_on, options in (
+        ("32 clients, as the service sends (wake-ups after commit)", True, as_service),
+        ("32 clients, NOTIFY in the transaction (before issue 18)", True, ""),
+        ("32 clients, as the service sends, no log", False, as_service),
     ):
         conn = await asyncpg.connect(url)
         await conn.execute(LOG_TRIGGERS_ON if log_on else LOG_TRIGGERS_OFF)
@@ -769,7 +774,12 @@ async def pgbench(bench: Bench, url: str) -> None:
         before = await bench.probe.snapshot(target)
         client_before = cpu.rusage_children_s()
         result = await asyncio.to_thread(
-            subprocess.run, command, capture_output=True, text=True, timeout=300
+            subprocess.run,
+            command,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PGOPTIONS": options},
         )
         client_s = cpu.rusage_children_s() - client_before
         after = await bench.probe.snapshot(target)

@@ -28,6 +28,8 @@ from chat.v1 import (
     users_pb2_grpc,
 )
 
+from services.messages.service import DEFINITION as MESSAGES
+
 # The ceilings' own statements, never the messages store's constants (their
 # shape is the service's business): the send function the service calls, and a
 # history page as the index serves it (one keyset range scan on
@@ -52,6 +54,7 @@ ATTACHMENTS_SQL = """
 Call = Callable[[int, int], Awaitable[object]]
 # The ceilings' backends are named so the bench can read their CPU (bench.cpu).
 SQL_APPLICATION_NAME = "chat-bench-sql"
+SESSION_SETTINGS = dict(MESSAGES.session_settings)
 USER_ID_HEADER = "x-user-id"  # an end-user call (services/common/identity.py)
 
 
@@ -62,7 +65,8 @@ async def _caller(spec: dict[str, Any], closers: list[Callable[[], Awaitable[obj
             spec["database_url"],
             min_size=spec["clients"],
             max_size=spec["clients"],
-            server_settings={"application_name": SQL_APPLICATION_NAME},
+            # As the messages service's pool: no NOTIFY in a send's transaction.
+            server_settings={"application_name": SQL_APPLICATION_NAME, **SESSION_SETTINGS},
         )
         closers.append(pool.close)
         return _sql_call(kind, spec, pool)

@@ -249,3 +249,29 @@ async def test_a_gateway_cannot_type_for_a_deactivated_user(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "USER_INACTIVE"
+
+
+async def test_a_backlog_reaches_a_reading_user_stream_whole_not_cut_off(
+    channels: dict[str, grpc.aio.Channel], db_pool: asyncpg.Pool
+) -> None:
+    """600 events logged at once (one transaction): the follower delivers them in
+    batches of half a buffer and lets the streams drain between them, so a user
+    whose client keeps reading gets every one in order, not STREAM_BUFFER_FULL
+    (the buffer holds 256)."""
+    alice, bob = await new_users(db_pool, 2)
+    thread = await new_group(db_pool, bob, alice)
+    await sequenced(db_pool)
+    stream = Follower(channels["messages"], alice)
+    await stream.caught_up()
+    ids = [
+        str(r["id"])
+        for r in await db_pool.fetch(
+            "SELECT s.id FROM generate_series(1, 600) g, LATERAL chat_send_message("
+            "$1, $2, 'backlog ' || g, NULL, NULL, NULL, '[]'::jsonb) s ORDER BY s.seq",
+            uuid.UUID(thread),
+            uuid.UUID(bob),
+        )
+    ]
+    got = [(await stream.next()).message_created.id for _ in ids]
+    assert got == ids
+    stream.close()

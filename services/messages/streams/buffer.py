@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Generic, TypeVar
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter
 
@@ -96,6 +97,10 @@ class StreamBuffer(Generic[Item]):
     def _at_most_half_full(self) -> bool:
         return len(self._items) <= self._max_events // 2 and self._bytes <= self._max_bytes // 2
 
+    @property
+    def over_half_full(self) -> bool:
+        return not self._half_empty.is_set()
+
     async def half_empty(self) -> None:
         """Return once at most half full (or ended): room for a batch of half a buffer."""
         await self._half_empty.wait()
@@ -127,3 +132,16 @@ class StreamBuffer(Generic[Item]):
                 return item
             self._wake.clear()
             await self._wake.wait()
+
+
+async def until_drained(buffers: Iterable[StreamBuffer[Any]], timeout_s: float) -> None:
+    """Wait until none of `buffers` is over half full, for at most `timeout_s`:
+    between the batches of a backlog, so a stream whose client keeps reading is
+    never cut off by it, and one that does not drain holds the others up by at
+    most `timeout_s` (it then gets the next batch, and is cut off if it overflows)."""
+    waits = [asyncio.ensure_future(b.half_empty()) for b in buffers if b.over_half_full]
+    if not waits:
+        return
+    _, pending = await asyncio.wait(waits, timeout=timeout_s)
+    for wait in pending:
+        wait.cancel()

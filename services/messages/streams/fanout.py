@@ -44,7 +44,7 @@ from services.messages.convert import StreamEvent, stream_event
 from services.messages.policy import stream_refusal
 from services.messages.settings import MessagesSettings
 from services.messages.streams.backoff import jittered
-from services.messages.streams.buffer import StreamBuffer, refuse_past_limit
+from services.messages.streams.buffer import StreamBuffer, refuse_past_limit, until_drained
 
 log = logging.getLogger(__name__)
 
@@ -297,16 +297,8 @@ class Fanout:
         keeps reading is then never cut off by a backlog; one that does not drain
         in time gets the next batch anyway and is cut off as a slow consumer, so it
         holds the others up by at most that long per batch."""
-        waits = [
-            asyncio.ensure_future(sub.half_empty())
-            for sub in feed.subscribers
-            if sub.start_seq is not None and not sub.ended
-        ]
-        if not waits:
-            return
-        _, pending = await asyncio.wait(waits, timeout=self._settings.stream_backlog_wait_s)
-        for wait in pending:
-            wait.cancel()
+        started = [sub for sub in feed.subscribers if sub.start_seq is not None]
+        await until_drained(started, self._settings.stream_backlog_wait_s)
 
     async def _fetch_batch(self, feed: _Feed) -> bool:
         """One batch of new events for every subscriber, then who may still read

@@ -42,7 +42,7 @@ from services.messages import log_store
 from services.messages.log_store import LogEvent
 from services.messages.settings import MessagesSettings
 from services.messages.streams.backoff import jittered
-from services.messages.streams.buffer import StreamBuffer, refuse_past_limit
+from services.messages.streams.buffer import StreamBuffer, refuse_past_limit, until_drained
 from services.messages.user_view import Converted, Response, caught_up, typing, variant_for
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,14 @@ class UserStreams:
                 async with self._pool.acquire() as conn:
                     await self._start_pending(conn)
                     await self._recheck_users(conn)
-                    await self._catch_up(conn)
+                    backlog = await self._catch_up(conn)
                 delay = self._settings.listener_retry_s
+                if backlog:
+                    # More is waiting: the streams drain first (buffer.until_drained),
+                    # off the connection; then the next batch.
+                    subs = [sub for subs in self._subs.values() for sub in subs]
+                    await until_drained(subs, self._settings.stream_backlog_wait_s)
+                    self._wake.set()
             except QUERY_FAILURES as exc:
                 log.warning("reading the event log failed (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(jittered(delay))
@@ -294,28 +300,32 @@ class UserStreams:
                 for sub in list(self._subs.get(user, ())):
                     sub.end(user_inactive(user))
 
-    async def _catch_up(self, conn: DbConnection) -> None:
+    async def _catch_up(self, conn: DbConnection) -> bool:
+        """Deliver the log after this process's position, a batch at a time while the
+        batches are small; True when a full batch was delivered and more may wait
+        (a backlog: the caller lets the streams drain before the next)."""
+        settings = self._settings
+        # A live batch fits half a stream's buffer (buffer.until_drained).
+        limit = min(settings.stream_fetch_batch, max(1, settings.stream_buffer // 2))
+        limit_bytes = min(settings.stream_fetch_bytes, settings.stream_buffer_bytes // 2)
         while True:
             if not self._subs:
                 self._position = max(self._position, (await log_store.state(conn)).last_position)
-                return
-            batch = await log_store.after(
-                conn,
-                self._position,
-                self._settings.stream_fetch_batch,
-                self._settings.stream_fetch_bytes,
-            )
+                return False
+            batch = await log_store.after(conn, self._position, limit, limit_bytes)
             if batch and batch[0].position != self._position + 1:
                 # Positions are dense: a jump means retention pruned events this
                 # process had not read yet. Its streams cannot be continued.
                 self._expire_all()
-                return
+                return False
             for event in batch:
                 self._deliver(event)
                 self._position = event.position
             LOG_POSITION.set(self._position)
             if not batch:
-                return
+                return False
+            if len(batch) >= limit:
+                return True
 
     def _expire_all(self) -> None:
         """End every started stream with CURSOR_EXPIRED and forget their state; the

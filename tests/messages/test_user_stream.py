@@ -23,6 +23,7 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from services.common.settings import ServiceSettings
 from services.messages.service import DEFINITION as MESSAGES
+from services.messages.streams import StreamHub
 from services.messages.user_view import decode_cursor, encode_cursor
 from tests.conftest import running
 from tests.factories import new_group, new_users, send
@@ -490,6 +491,15 @@ async def test_a_slow_user_stream_is_cut_off_with_a_resumable_code(
         assert isinstance(first, Event) and kind(first) == "caught_up"
         for i in range(40):
             await send(db_pool, str(thread), bob, f"{i} " + "x" * 9_000)
+        # The client reads nothing until the server has ended the stream (a reader
+        # that keeps up, however slowly, is never cut off: backlogs wait for it).
+        hub = service.runtime.extras["hub"]
+        assert isinstance(hub, StreamHub)
+        for _ in range(int(WAIT_S / 0.05)):
+            if hub.users.open_count == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert hub.users.open_count == 0
         received = 0
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             while True:

@@ -26,12 +26,25 @@ def _scrape(port: int) -> str:
         return body.decode()
 
 
+async def _served_metrics(database_url: str) -> str:
+    """/metrics of a probe service after one call. A port found free can be taken
+    before the endpoint binds it (the service's own gRPC port 0 may get it), in
+    which case the service serves without metrics: then again, on another port."""
+    for _ in range(5):
+        port = _free_port()
+        settings = ServiceSettings(
+            DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=port
+        )
+        async with running(PROBE, settings) as (service, channel):
+            if service.metrics is None:
+                continue
+            assert await call(channel, b"pool") == b"42"
+            return await asyncio.to_thread(_scrape, port)
+    raise AssertionError("no free port for /metrics in 5 tries")
+
+
 async def test_rpc_query_and_pool_series(database_url: str) -> None:
-    port = _free_port()
-    settings = ServiceSettings(DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=port)
-    async with running(PROBE, settings) as (_, channel):
-        assert await call(channel, b"pool") == b"42"
-        text = await asyncio.to_thread(_scrape, port)
+    text = await _served_metrics(database_url)
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

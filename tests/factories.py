@@ -58,7 +58,9 @@ async def new_room(db: asyncpg.Pool) -> Room:
     return Room(await new_group(db, owner, member), owner, member, outsider)
 
 
-async def send(db: asyncpg.Pool, thread_id: str, user_id: str, content: str = "hi") -> str:
+async def send(
+    db: asyncpg.Pool | asyncpg.Connection, thread_id: str, user_id: str, content: str = "hi"
+) -> str:
     """A message sent through chat_send_message, as SendMessage sends it; its id."""
     row = await db.fetchrow(
         "SELECT outcome, id FROM chat_send_message($1, $2, $3, NULL, NULL, NULL, '[]'::jsonb)",

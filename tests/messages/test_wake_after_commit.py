@@ -15,11 +15,14 @@ from chat.v1 import messages_pb2_grpc
 
 from devtools.processes import start_service_process
 from services.common import channels
+from services.messages.service import DEFINITION as MESSAGES
 from tests.factories import new_room
+from tests.factories import send as factory_send
 from tests.messages.conftest import MessagesServer, Room
 from tests.messages.test_stream import open_stream, read, send, until_caught_up
 
-WAKE = {"chat.wake_after_commit": "on"}
+# A session as the messages service's pool opens it (no NOTIFY in its writes).
+WAKE = dict(MESSAGES.session_settings)
 SEND_SQL = "SELECT id, seq FROM chat_send_message($1, $2, $3, NULL, NULL, NULL, '[]'::jsonb)"
 
 
@@ -60,11 +63,9 @@ async def test_a_write_whose_wake_up_never_went_out_is_caught_up(
     writer = await asyncpg.connect(database_url, server_settings=WAKE)
     try:
         for i in range(3):
-            row = await writer.fetchrow(
-                SEND_SQL, uuid.UUID(room.thread_id), uuid.UUID(room.member), f"silent {i}"
-            )
+            sent = await factory_send(writer, room.thread_id, room.member, f"silent {i}")
             [event] = await read(watcher, 1)
-            assert row is not None and event.created.id == str(row["id"])
+            assert event.created.id == sent
     finally:
         await writer.close()
         watcher.cancel()

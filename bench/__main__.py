@@ -295,13 +295,15 @@ async def run(args: argparse.Namespace) -> int:
         messages = [await start("messages") for _ in range(2)]
         users = await start("users")
         empty = await start("users", module="bench.empty_server")
+        # The same service with its message cache off: every listing page cold.
+        cold = await start("messages", MESSAGE_CACHE_BYTES="0")
         probe = await cpu.Probe.connect(url)
         bench = Bench(args, url, seeded, probe)
         bench.metrics_urls = metrics_urls
         if probe.postmaster is None:
             bench.notes.append("PostgreSQL is not on this machine: no PostgreSQL CPU figures")
         await bench.start_pool()
-        await scenarios(bench, threads, messages, users, empty)
+        await scenarios(bench, threads, messages, users, empty, cold)
         if not args.quick:
             idle = await start("messages")
             await idle_streams(bench, idle)
@@ -373,13 +375,14 @@ async def scenarios(
     messages: list[ServiceProcess],
     users: ServiceProcess,
     empty: ServiceProcess,
+    cold: ServiceProcess,
 ) -> None:
     s = bench.seeded
     empty_32 = await bench.measure(
         {"kind": "empty", "address": empty.address}, 32, target_of(empty)
     )
     bench.add(empty_32.figure("empty RPC (gRPC ceiling)", "32 clients"))
-    await cpu_rounds(bench, threads, messages, users, empty, empty_32.throughput)
+    await cpu_rounds(bench, threads, messages, users, empty, cold, empty_32.throughput)
 
     hot = [(s.hot_thread, member) for member in s.hot_members]
     for target, targets in (("spread", s.spread), ("hot thread", hot)):
@@ -439,6 +442,7 @@ async def cpu_rounds(
     messages: list[ServiceProcess],
     users: ServiceProcess,
     empty: ServiceProcess,
+    cold: ServiceProcess,
     empty_32_throughput: float,
 ) -> None:
     """CPU per call of each unary path, CPU_CLIENTS calls in flight, in
@@ -447,7 +451,9 @@ async def cpu_rounds(
     *_x_empty the median of its ratios to the same round's empty RPC.
 
     Trusted calls (no x-user-id) and end-user calls (x-user-id of a member: the
-    service adds the active-user lookup, services/common/identity.py)."""
+    service adds the active-user lookup, services/common/identity.py). ListMessages
+    also from a process with MESSAGE_CACHE_BYTES=0 (`cold`): every page built from
+    rows, what a first listing of messages costs."""
     s = bench.seeded
     viewer = s.history_members[0]  # a member of the history threads, active
     smallest = min(s.history)
@@ -471,6 +477,14 @@ async def cpu_rounds(
             page,
             {"kind": "history", "thread": s.history[smallest], "token": ""},
             messages[0],
+            "",
+            None,
+        ),
+        (
+            "ListMessages trusted, cache off (cold)",
+            page,
+            {"kind": "history", "thread": s.history[smallest], "token": ""},
+            cold,
             "",
             None,
         ),

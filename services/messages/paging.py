@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from chat.v1 import messages_pb2
-
 from services.common.pagination import (
     TIME_ID,
     PageCodec,
@@ -35,9 +33,11 @@ from services.common.pagination import (
     TimeId,
     page_size_of,
 )
+from services.common.wire import length_delimited
 from services.messages.convert import message_to_proto
+from services.messages.message_cache import SerializedMessages
 from services.messages.settings import MessagesSettings
-from services.messages.store import MessageRow, Page, Position, Window
+from services.messages.store import Page, PageRow, Position, Window
 from services.messages.validation import NAME_MAX, TYPE_MAX, URL_MAX
 
 # What each list RPC's token pages through; every listing's position is the
@@ -55,6 +55,10 @@ PAGE_TOKEN_RESERVE = 512
 # 11 protobuf bytes (a Value's tag and length, a double's tag and 8 bytes).
 STRUCT_PER_JSON_BYTE = 2.75
 UTF8_MAX = 4  # limits count characters; one is at most 4 bytes of UTF-8
+# The field numbers every list response shares (messages.proto); the test of
+# list_response checks them against the generated descriptors.
+MESSAGES_FIELD = 1
+NEXT_PAGE_TOKEN_FIELD = 2
 
 
 def varint_size(value: int) -> int:
@@ -68,26 +72,42 @@ def repeated_field_size(message_size: int) -> int:
 
 
 def fit_page(
-    rows: Sequence[MessageRow], fetched: int, size: int, max_bytes: int
-) -> tuple[list[messages_pb2.Message], MessageRow | None]:
+    rows: Sequence[PageRow],
+    fetched: int,
+    size: int,
+    max_bytes: int,
+    serialized: SerializedMessages,
+) -> tuple[list[bytes], Position | None]:
     """The first of `rows` (at most `size`) whose response fits `max_bytes`, at least one.
 
     `rows` are the page's rows in order, `fetched` how many rows the page query
     found (at most size + 1; more than `rows` when the store stopped on bytes).
-    Returns the messages and the last row served when more rows follow it (the
-    next page token's position), else None.
+    Returns the messages serialised and the position of the last one served when
+    more rows follow it (the next page token's), else None.
     """
-    served: list[messages_pb2.Message] = []
+    rows = rows[:size]
+    messages = serialized.serialized(
+        [r.key for r in rows], lambda i: message_to_proto(rows[i].row()).SerializeToString()
+    )
+    served: list[bytes] = []
     total = PAGE_TOKEN_RESERVE
-    for row in rows[:size]:
-        message = message_to_proto(row)
-        cost = repeated_field_size(message.ByteSize())
+    for message in messages:
+        cost = repeated_field_size(len(message))
         if served and total + cost > max_bytes:
             break
         served.append(message)
         total += cost
     more = len(served) < fetched
-    return served, rows[len(served) - 1] if served and more else None
+    return served, rows[len(served) - 1].position if served and more else None
+
+
+def list_response(messages: list[bytes], next_page_token: str) -> bytes:
+    """A serialised list response (ListMessagesResponse and its three twins, which
+    all hold `repeated Message messages = 1; string next_page_token = 2;`)."""
+    fields = [length_delimited(MESSAGES_FIELD, m) for m in messages]
+    if next_page_token:
+        fields.append(length_delimited(NEXT_PAGE_TOKEN_FIELD, next_page_token.encode()))
+    return b"".join(fields)
 
 
 @dataclass(frozen=True)
@@ -105,12 +125,12 @@ class PageRequest:
         """The rows to read: one more than the page says whether another page follows."""
         return Window(self.after, self.size + 1, self.max_bytes)
 
-    def finish(self, page: Page) -> tuple[list[messages_pb2.Message], str]:
-        """The messages to serve and the next page token ("" when none follows)."""
-        served, last = fit_page(page.rows, page.fetched, self.size, self.max_bytes)
-        if last is None:
-            return served, ""
-        return served, self.codec.encode((last.created_at, last.id), self.params)
+    def finish(self, page: Page, serialized: SerializedMessages) -> bytes:
+        """The serialised response: the messages to serve and the next page token
+        (none when no page follows)."""
+        served, last = fit_page(page.rows, page.fetched, self.size, self.max_bytes, serialized)
+        token = "" if last is None else self.codec.encode(last, self.params)
+        return list_response(served, token)
 
 
 class Listing(Protocol):

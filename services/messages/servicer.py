@@ -20,9 +20,11 @@ from services.common.pagination import PageCodec, Params, TimeId
 from services.common.pool import BoundedPool
 from services.common.types import Context, DbConnection
 from services.common.validation import Violations, parse_optional_uuid, parse_uuid
+from services.common.wire import as_response
 from services.messages import changes, paging, policy, reads, store
 from services.messages.convert import attachment_to_proto, message_to_proto
 from services.messages.cursor import decode_cursor
+from services.messages.message_cache import SerializedMessages
 from services.messages.paging import Listing, page_request
 from services.messages.settings import MessagesSettings
 from services.messages.store import Page, Window
@@ -43,6 +45,7 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         self._pool = pool
         self._hub = hub
         self._settings = settings
+        self._serialized = SerializedMessages(settings.message_cache_bytes)
 
     def _committed(self, thread_id: UUID, position: int) -> None:
         """A write committed: wake its thread's streams (streams/waker.py), here at
@@ -103,27 +106,29 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         read: Callable[Concatenate[DbConnection, Window, _P], Awaitable[Page]],
         *args: _P.args,
         **kwargs: _P.kwargs,
-    ) -> tuple[list[messages_pb2.Message], str]:
-        """One page of a listing: `read` (from reads.py) authorizes and reads it."""
+    ) -> bytes:
+        """One page of a listing, serialised: `read` (from reads.py) authorizes and
+        reads it; messages already served come from their cached bytes."""
         max_bytes = self._settings.list_response_max_bytes
         want = page_request(codec, params, request.page_size, request.page_token, max_bytes)
-        return want.finish(await self._pool.run(read, want.window, *args, **kwargs))
+        page = await self._pool.run(read, want.window, *args, **kwargs)
+        return want.finish(page, self._serialized)
 
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
     ) -> messages_pb2.ListMessagesResponse:
         thread_id = parse_uuid(request.thread_id, "thread_id")
         params = {"thread": str(thread_id)}
-        found, token = await self._listing(
+        page = await self._listing(
             paging.HISTORY, params, request, reads.history, caller_of(context), thread_id
         )
-        return messages_pb2.ListMessagesResponse(messages=found, next_page_token=token)
+        return as_response(page, messages_pb2.ListMessagesResponse)
 
     async def ListReplies(
         self, request: messages_pb2.ListRepliesRequest, context: Context
     ) -> messages_pb2.ListRepliesResponse:
         parent = parse_uuid(request.parent_id, "parent_id")
-        found, token = await self._listing(
+        page = await self._listing(
             paging.REPLIES,
             {"parent": str(parent)},
             request,
@@ -131,17 +136,17 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
             caller_of(context),
             parent,
         )
-        return messages_pb2.ListRepliesResponse(messages=found, next_page_token=token)
+        return as_response(page, messages_pb2.ListRepliesResponse)
 
     async def ListUserMessages(
         self, request: messages_pb2.ListUserMessagesRequest, context: Context
     ) -> messages_pb2.ListUserMessagesResponse:
         user_id = parse_uuid(request.user_id, "user_id")
         params = {"user": str(user_id)}
-        found, token = await self._listing(
+        page = await self._listing(
             paging.USER_HISTORY, params, request, reads.user_messages, caller_of(context), user_id
         )
-        return messages_pb2.ListUserMessagesResponse(messages=found, next_page_token=token)
+        return as_response(page, messages_pb2.ListUserMessagesResponse)
 
     async def UpdateMessage(
         self, request: messages_pb2.UpdateMessageRequest, context: Context
@@ -219,10 +224,10 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         assert contains is not None
 
         params = {"thread": str(thread_id), "contains": contains}
-        found, token = await self._listing(
+        page = await self._listing(
             paging.SEARCH, params, request, reads.search, caller, contains, thread_id
         )
-        return messages_pb2.SearchMessagesResponse(messages=found, next_page_token=token)
+        return as_response(page, messages_pb2.SearchMessagesResponse)
 
     async def StreamThreadMessages(
         self, request: messages_pb2.StreamThreadMessagesRequest, context: Context

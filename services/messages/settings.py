@@ -35,6 +35,12 @@ class MessagesSettings(BaseSettings):
     list_response_max_bytes: int = Field(
         default=3 * 1024 * 1024, ge=64 * 1024, alias="LIST_RESPONSE_MAX_BYTES"
     )
+    # Listings serve messages from their serialised bytes, cached per version
+    # (id, change_seq) in each process up to this many bytes, entries' overhead
+    # included; 0 turns the cache off (services/messages/message_cache.py).
+    message_cache_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=0, le=4 * 1024**3, alias="MESSAGE_CACHE_BYTES"
+    )
     # Streams one process serves at once; past it, opens get RESOURCE_EXHAUSTED
     # with a retry hint (another replica, or this one a little later).
     stream_max_open: int = Field(default=10_000, ge=1, alias="STREAM_MAX_OPEN")

@@ -401,10 +401,24 @@ Position = tuple[datetime, UUID]
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
-    """A listing's rows in order, with attachments, bounded in rows and bytes."""
+class PageRow:
+    """One listing row as read: its version and position at once, its MessageRow
+    (with attachments) only when `row()` builds it, which a cached serialisation
+    of the same version spares (message_cache.py)."""
 
-    rows: list[MessageRow]
+    key: tuple[UUID, int]  # (id, change_seq): the message's version
+    position: Position
+    record: asyncpg.Record
+
+    def row(self) -> MessageRow:
+        return _with_attachments_of(self.record)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A listing's rows in order, bounded in rows and bytes."""
+
+    rows: list[PageRow]
     fetched: int  # rows the page query found: more than `rows` when the walk stopped on bytes
 
 
@@ -423,7 +437,7 @@ async def _bounded_page(conn: DbConnection, sql: str, *args: object, window: Win
     position, the row limit and the byte budget (see _bounded)."""
     after = window.after or (None, None)
     records = await conn.fetch(sql, *args, *after, window.limit, window.max_bytes)
-    rows = [_with_attachments_of(r) for r in records]
+    rows = [PageRow((r["id"], r["change_seq"]), (r["created_at"], r["id"]), r) for r in records]
     return Page(rows, int(records[0]["fetched"]) if records else 0)
 
 

@@ -42,6 +42,14 @@ class Caller:
         return self.user_id == user_id
 
 
+def require_self_or_trusted(caller: Caller, user_id: UUID, refusal: str) -> None:
+    """The one rule, in every service, for what belongs to a user (their account,
+    inbox, read state, sends, messages, stream): a user acts only as themselves, a
+    trusted call as anyone. Anyone else is PERMISSION_DENIED `refusal`."""
+    if not caller.trusted and not caller.is_user(user_id):
+        raise PermissionDenied(refusal)
+
+
 def metadata_values(context: Context, key: str) -> list[str]:
     """Every value sent for `key` (a header may be repeated)."""
     return [

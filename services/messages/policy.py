@@ -30,7 +30,7 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
 )
-from services.common.identity import Caller, user_inactive
+from services.common.identity import Caller, require_self_or_trusted, user_inactive
 from services.common.types import DbConnection
 from services.messages import store
 from services.messages.store import MessageRow, SendOutcome, StreamAccess
@@ -82,8 +82,7 @@ async def changeable_message(
     message, access = await _message(conn, caller, message_id)
     if access.thread.is_archived:
         raise _archived(message.thread_id)
-    if not caller.trusted and not caller.is_user(message.user_id):
-        raise PermissionDenied(change.value)
+    require_self_or_trusted(caller, message.user_id, change.value)
     return message
 
 
@@ -99,20 +98,17 @@ async def deletable_message(conn: DbConnection, caller: Caller, message_id: UUID
 
 def check_sender(caller: Caller, user_id: UUID) -> None:
     """A user sends only as themselves."""
-    if not caller.trusted and not caller.is_user(user_id):
-        raise PermissionDenied("a user may only send as themselves")
+    require_self_or_trusted(caller, user_id, "a user may only send as themselves")
 
 
 def check_own_listing(caller: Caller, user_id: UUID) -> None:
     """A user lists only their own messages across threads."""
-    if not caller.trusted and not caller.is_user(user_id):
-        raise PermissionDenied("a user may only list their own messages")
+    require_self_or_trusted(caller, user_id, "a user may only list their own messages")
 
 
 def check_own_stream(caller: Caller, user_id: UUID) -> None:
     """A user follows only their own user stream; a trusted gateway any user's."""
-    if not caller.trusted and not caller.is_user(user_id):
-        raise PermissionDenied("a user may only stream their own events")
+    require_self_or_trusted(caller, user_id, "a user may only stream their own events")
 
 
 def check_search_scope(caller: Caller, thread_id: UUID | None) -> None:

@@ -27,20 +27,20 @@ from uuid import UUID
 
 from services.common.access import MANAGERS, Role, ThreadAccess, ThreadRow, visible_thread
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied
-from services.common.identity import Caller, user_inactive
+from services.common.identity import Caller, require_self_or_trusted, user_inactive
 from services.common.types import DbConnection
 from services.threads import store
 
 
 def acts_as(caller: Caller, user_id: UUID) -> None:
     """A user acts only on their own inbox and read state; trusted calls on anyone's."""
-    if not caller.trusted and not caller.is_user(user_id):
-        raise PermissionDenied("a user may only act on their own inbox and read state")
+    require_self_or_trusted(
+        caller, user_id, "a user may only act on their own inbox and read state"
+    )
 
 
 def may_create_group(caller: Caller, creator: UUID) -> None:
-    if not caller.trusted and not caller.is_user(creator):
-        raise PermissionDenied("creator_id must be the calling user")
+    require_self_or_trusted(caller, creator, "creator_id must be the calling user")
 
 
 def may_open_direct(caller: Caller, user_ids: Sequence[UUID]) -> None:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from services.common.errors import PermissionDenied
-from services.common.identity import Caller, user_inactive
+from services.common.identity import Caller, require_self_or_trusted, user_inactive
 from services.users.store import UserRow
 
 
 def may_change(caller: Caller, user_id: UUID) -> None:
     """Update, delete or record a login: the user themselves, or a trusted call."""
-    if not caller.trusted and not caller.is_user(user_id):
-        raise PermissionDenied("a user may only change their own account")
+    require_self_or_trusted(caller, user_id, "a user may only change their own account")
 
 
 def logged_in(user: UserRow | None, user_id: UUID) -> UserRow:

@@ -8,6 +8,7 @@ services/threads/policy.py, with the rules it keeps.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 from uuid import UUID
 
 from chat.v1 import threads_pb2, threads_pb2_grpc
@@ -44,6 +45,23 @@ def _user_ids(raw: Sequence[str], field: str) -> list[UUID]:
     ids = [violations.check_uuid(value, f"{field}[{i}]") for i, value in enumerate(raw)]
     violations.raise_if_any()
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+class _ThreadAndUser(Protocol):
+    """A request naming a thread and one user in it (RemoveParticipant,
+    UpdateParticipant, MarkRead)."""
+
+    @property
+    def thread_id(self) -> str: ...
+
+    @property
+    def user_id(self) -> str: ...
+
+
+def _thread_and_user(request: _ThreadAndUser) -> tuple[UUID, UUID]:
+    """The request's thread_id and user_id. Checked in that order, one at a time:
+    the first bad one is the INVALID_ARGUMENT, as these RPCs have always reported."""
+    return parse_uuid(request.thread_id, "thread_id"), parse_uuid(request.user_id, "user_id")
 
 
 def _role_of(value: threads_pb2.ParticipantRole.ValueType, field: str, default: Role) -> Role:
@@ -172,8 +190,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     async def RemoveParticipant(
         self, request: threads_pb2.RemoveParticipantRequest, context: Context
     ) -> threads_pb2.RemoveParticipantResponse:
-        thread_id = parse_uuid(request.thread_id, "thread_id")
-        user_id = parse_uuid(request.user_id, "user_id")
+        thread_id, user_id = _thread_and_user(request)
         await self._pool.run_locking(
             thread_id, changes.remove_participant, caller_of(context), thread_id, user_id
         )
@@ -182,8 +199,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     async def UpdateParticipant(
         self, request: threads_pb2.UpdateParticipantRequest, context: Context
     ) -> threads_pb2.UpdateParticipantResponse:
-        thread_id = parse_uuid(request.thread_id, "thread_id")
-        user_id = parse_uuid(request.user_id, "user_id")
+        thread_id, user_id = _thread_and_user(request)
         if request.role == threads_pb2.PARTICIPANT_ROLE_UNSPECIFIED:
             raise InvalidArgument.field("role", "is required")
         role = _role_of(request.role, "role", Role.MEMBER)
@@ -209,8 +225,7 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
     async def MarkRead(
         self, request: threads_pb2.MarkReadRequest, context: Context
     ) -> threads_pb2.MarkReadResponse:
-        thread_id = parse_uuid(request.thread_id, "thread_id")
-        user_id = parse_uuid(request.user_id, "user_id")
+        thread_id, user_id = _thread_and_user(request)
         policy.acts_as(caller_of(context), user_id)
         read_at = (
             parse_timestamp(request.read_at, "read_at") if request.HasField("read_at") else None

@@ -6,6 +6,8 @@ calls the store and converts the result (permissions: services/users/policy.py).
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from chat.v1 import users_pb2, users_pb2_grpc
 
 from services.common.errors import InvalidArgument
@@ -33,6 +35,14 @@ from services.users.validation import (
 # when lowered, so a position may be longer than USERNAME_MAX.
 POSITION_MAX = 4 * USERNAME_MAX
 USER_PAGES = PageCodec(PageKind.USERS, text(POSITION_MAX))
+
+
+def _changeable_user(raw_id: str, context: Context) -> UUID:
+    """The user a request's `id` names, once policy lets the caller change them
+    (DeleteUser, RecordLogin; UpdateUser checks its fields in between)."""
+    user_id = parse_uuid(raw_id, "id")
+    policy.may_change(caller_of(context), user_id)
+    return user_id
 
 
 class UsersServicer(users_pb2_grpc.UsersServiceServicer):
@@ -133,15 +143,13 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
     async def DeleteUser(
         self, request: users_pb2.DeleteUserRequest, context: Context
     ) -> users_pb2.DeleteUserResponse:
-        user_id = parse_uuid(request.id, "id")
-        policy.may_change(caller_of(context), user_id)
+        user_id = _changeable_user(request.id, context)
         await self._pool.run_in_transaction(store.delete_user, user_id)
         return users_pb2.DeleteUserResponse()
 
     async def RecordLogin(
         self, request: users_pb2.RecordLoginRequest, context: Context
     ) -> users_pb2.RecordLoginResponse:
-        user_id = parse_uuid(request.id, "id")
-        policy.may_change(caller_of(context), user_id)
+        user_id = _changeable_user(request.id, context)
         row = await self._pool.run(store.record_login, user_id)
         return users_pb2.RecordLoginResponse(user=user_to_proto(policy.logged_in(row, user_id)))

@@ -53,7 +53,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.pool import CONNECT_FAILURES, connect
 from services.common.settings import MissingDatabaseUrl, ServiceSettings
@@ -183,19 +183,20 @@ class _Worker:
     serving: bool = False
 
 
+# eq=False: a supervisor owns processes and a pipe; it is equal only to itself.
+@dataclass(eq=False)
 class Supervisor:
     """Runs WORKERS copies of `python -m <module>` on `port` until signalled."""
 
-    def __init__(
-        self, name: str, full_name: str, module: str, settings: ServiceSettings, port: int
-    ) -> None:
-        self.name = name
-        self.full_name = full_name
-        self.module = module
-        self.settings = settings
-        self.port = port
-        self.workers: dict[int, _Worker] = {}
-        self._signalled: int | None = None
+    name: str
+    full_name: str
+    module: str
+    settings: ServiceSettings
+    port: int
+    workers: dict[int, _Worker] = field(default_factory=dict, init=False)
+    _signalled: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
         self._lifeline_read, self._lifeline_write = os.pipe()
 
     def _on_signal(self, signum: int, frame: object) -> None:

@@ -7,7 +7,8 @@ permission decision is made there), calls the store and converts the result.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Concatenate, ParamSpec
+from dataclasses import dataclass
+from typing import Concatenate, Generic, ParamSpec, TypeVar
 from uuid import UUID
 
 from chat.v1 import messages_pb2, messages_pb2_grpc
@@ -15,7 +16,7 @@ from chat.v1 import messages_pb2, messages_pb2_grpc
 from services.common import tracing
 from services.common.errors import InvalidArgument
 from services.common.fieldmask import update_paths
-from services.common.identity import caller_of
+from services.common.identity import Caller, caller_of
 from services.common.pagination import PageCodec, Params, TimeId
 from services.common.pool import BoundedPool
 from services.common.types import Context, DbConnection
@@ -38,6 +39,34 @@ from services.messages.validation import (
 )
 
 _P = ParamSpec("_P")
+_Response = TypeVar("_Response")
+
+
+@dataclass(frozen=True)
+class _ListingById(Generic[_Response]):
+    """A listing of the messages under one id its request names. ListMessages,
+    ListReplies and ListUserMessages differ only in these, so each is a row below."""
+
+    id_field: str  # the request field holding the id; errors name it
+    param: str  # the id's name among the parameters its page tokens fingerprint
+    codec: PageCodec[TimeId]
+    read: Callable[[DbConnection, Window, Caller, UUID], Awaitable[Page]]  # from reads.py
+    response: type[_Response]
+
+
+_LIST_MESSAGES = _ListingById(
+    "thread_id", "thread", paging.HISTORY, reads.history, messages_pb2.ListMessagesResponse
+)
+_LIST_REPLIES = _ListingById(
+    "parent_id", "parent", paging.REPLIES, reads.replies, messages_pb2.ListRepliesResponse
+)
+_LIST_USER_MESSAGES = _ListingById(
+    "user_id",
+    "user",
+    paging.USER_HISTORY,
+    reads.user_messages,
+    messages_pb2.ListUserMessagesResponse,
+)
 
 
 class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
@@ -114,39 +143,32 @@ class MessagesServicer(messages_pb2_grpc.MessagesServiceServicer):
         page = await self._pool.run(read, want.window, *args, **kwargs)
         return want.finish(page, self._serialized)
 
+    async def _list_by_id(
+        self, listing: _ListingById[_Response], request: Listing, context: Context
+    ) -> _Response:
+        """One page of `listing`: its id parsed, then read as `_listing` reads."""
+        raw_id: str = getattr(request, listing.id_field)
+        target = parse_uuid(raw_id, listing.id_field)
+        params = {listing.param: str(target)}
+        page = await self._listing(
+            listing.codec, params, request, listing.read, caller_of(context), target
+        )
+        return as_response(page, listing.response)
+
     async def ListMessages(
         self, request: messages_pb2.ListMessagesRequest, context: Context
     ) -> messages_pb2.ListMessagesResponse:
-        thread_id = parse_uuid(request.thread_id, "thread_id")
-        params = {"thread": str(thread_id)}
-        page = await self._listing(
-            paging.HISTORY, params, request, reads.history, caller_of(context), thread_id
-        )
-        return as_response(page, messages_pb2.ListMessagesResponse)
+        return await self._list_by_id(_LIST_MESSAGES, request, context)
 
     async def ListReplies(
         self, request: messages_pb2.ListRepliesRequest, context: Context
     ) -> messages_pb2.ListRepliesResponse:
-        parent = parse_uuid(request.parent_id, "parent_id")
-        page = await self._listing(
-            paging.REPLIES,
-            {"parent": str(parent)},
-            request,
-            reads.replies,
-            caller_of(context),
-            parent,
-        )
-        return as_response(page, messages_pb2.ListRepliesResponse)
+        return await self._list_by_id(_LIST_REPLIES, request, context)
 
     async def ListUserMessages(
         self, request: messages_pb2.ListUserMessagesRequest, context: Context
     ) -> messages_pb2.ListUserMessagesResponse:
-        user_id = parse_uuid(request.user_id, "user_id")
-        params = {"user": str(user_id)}
-        page = await self._listing(
-            paging.USER_HISTORY, params, request, reads.user_messages, caller_of(context), user_id
-        )
-        return as_response(page, messages_pb2.ListUserMessagesResponse)
+        return await self._list_by_id(_LIST_USER_MESSAGES, request, context)
 
     async def UpdateMessage(
         self, request: messages_pb2.UpdateMessageRequest, context: Context

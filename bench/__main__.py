@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import math
 import multiprocessing
 import os
 import platform
@@ -36,7 +37,14 @@ import psutil
 from chat.v1 import messages_pb2, messages_pb2_grpc
 
 from bench import caches, cpu, report
-from bench.load import SQL_APPLICATION_NAME, ready, run_clients, run_subscribers
+from bench.empty_server import STREAM_EVENT_BYTES
+from bench.load import (
+    SQL_APPLICATION_NAME,
+    ready,
+    run_clients,
+    run_empty_stream_readers,
+    run_subscribers,
+)
 from bench.seed import Seeded, seed
 from db.migrations import load_migrations
 from db.runner import Migrator
@@ -54,6 +62,7 @@ HISTORY_PAGES = PageCodec(PageKind.HISTORY, TIME_ID)
 STREAM_SUBSCRIBERS = 1000
 STREAM_RATE = 50  # messages per second while the subscribers listen
 STREAM_SECONDS = 10
+FLOOR_EVENTS = 100  # events per empty stream (stream_floor)
 IDLE_STREAMS = 5000
 USER_STREAMS = 1000  # members of one thread, each with a user stream
 IDLE_USER_STREAMS = 10_000
@@ -433,7 +442,8 @@ async def scenarios(
                 )
             )
     if not bench.args.quick:
-        await live_streams(bench, messages)
+        floor_us = await stream_floor(bench, empty)
+        await live_streams(bench, messages, floor_us)
 
 
 async def cpu_rounds(
@@ -557,9 +567,12 @@ async def members_thread(url: str, members: int, *, tag: str) -> tuple[str, list
         await conn.close()
 
 
-async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
+async def live_streams(
+    bench: Bench, messages: list[ServiceProcess], floor_us: float | None
+) -> None:
     await delivery(
         bench,
+        floor_us,
         messages,
         "StreamThreadMessages delivery",
         bench.seeded.hot_thread,
@@ -570,6 +583,7 @@ async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
     half = USER_STREAMS // 2
     await delivery(
         bench,
+        floor_us,
         messages,
         "StreamUserEvents delivery",
         thread,
@@ -580,6 +594,7 @@ async def live_streams(bench: Bench, messages: list[ServiceProcess]) -> None:
 
 async def delivery(
     bench: Bench,
+    floor_us: float | None,
     messages: list[ServiceProcess],
     path: str,
     thread: str,
@@ -649,6 +664,7 @@ async def delivery(
     expected = listeners * len(acks)
     _, p50, p99 = report.summarize(latencies, 1.0)
     measured = Measured(len(latencies) / STREAM_SECONDS, p50, p99, len(latencies), usage, clients_s)
+    service_us = cpu.per_call_us(usage.service_s, len(latencies))
     bench.add(
         measured.figure(
             path,
@@ -656,9 +672,58 @@ async def delivery(
             ceiling="send acknowledgement",
             note=f"{len(latencies):,} of {expected:,} deliveries measured"
             + "".join(f"; {n} streams ended {code}" for code, n in sorted(ended.items()))
-            + "; CPU per delivered event (sends, fan-out and the subscribers' processes)",
+            + "; CPU per delivered event (sends, fan-out and the subscribers' processes)"
+            + (
+                f"; service CPU per event {service_us / floor_us:.2f}x the empty stream's"
+                if service_us and floor_us
+                else ""
+            ),
         )
     )
+
+
+async def stream_floor(bench: Bench, empty: ServiceProcess) -> float | None:
+    """The empty stream's service CPU per event (bench.empty_server, `Stream`):
+    STREAM_SUBSCRIBERS streams from two processes, FLOOR_EVENTS events each, as the
+    delivery figures' streams are spread. Returns it (µs), the floor under fan-out."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    spec = {"address": empty.address, "streams": STREAM_SUBSCRIBERS // 2, "events": FLOOR_EVENTS}
+    readers = [
+        ctx.Process(target=run_empty_stream_readers, args=(spec, ready, go, results))
+        for _ in range(2)
+    ]
+    for proc in readers:
+        proc.start()
+    for _ in readers:
+        await asyncio.to_thread(ready.get, True, 120)
+    target = target_of(empty)
+    before = await bench.probe.snapshot(target)
+    clients_before = [cpu.stat_cpu(proc.pid or 0) or 0.0 for proc in readers]
+    started = time.monotonic()
+    for _ in readers:
+        go.put(1)
+    events = 0
+    for _ in readers:
+        events += await asyncio.to_thread(results.get, True, 600)
+    elapsed = time.monotonic() - started
+    after = await bench.probe.snapshot(target)
+    clients_s = sum(
+        (cpu.stat_cpu(proc.pid or 0) or 0.0) - b
+        for proc, b in zip(readers, clients_before, strict=True)
+    )
+    for proc in readers:
+        proc.join(30)
+    usage = cpu.Probe.usage(before, after, target)
+    measured = Measured(events / elapsed, math.nan, math.nan, events, usage, clients_s)
+    figure = measured.figure(
+        "empty stream (gRPC floor per event)",
+        f"{STREAM_SUBSCRIBERS} streams on 2 client processes, {FLOOR_EVENTS} events each",
+        note=f"bench.Empty/Stream: {STREAM_EVENT_BYTES}-byte events yielded as fast as they "
+        "go, through the services' interceptor; CPU per event",
+    )
+    bench.add(figure)
+    return figure.service_cpu_us
 
 
 async def idle_streams(bench: Bench, server: ServiceProcess) -> None:

@@ -268,3 +268,27 @@ async def _subscribe(spec: dict[str, Any], ready: Any, results: Any) -> None:
 
 def run_subscribers(spec: dict[str, Any], ready: Any, results: Any) -> None:
     uvloop.run(_subscribe(spec, ready, results))
+
+
+async def _read_empty_streams(spec: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
+    """`streams` calls of bench.Empty/Stream, `events` events each, read to their
+    end once the bench says go (one item on `go` per process); puts the events read."""
+    channel = grpc.aio.insecure_channel(spec["address"])
+    await channel.channel_ready()
+    stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+        "/bench.Empty/Stream"
+    )
+    request = int(spec["events"]).to_bytes(4, "little")
+
+    async def one() -> int:
+        return sum([1 async for _ in stream(request)])
+
+    ready.put(os.getpid())
+    await asyncio.to_thread(go.get, True, 120)
+    counts = await asyncio.gather(*(one() for _ in range(spec["streams"])))
+    await channel.close()
+    results.put(sum(counts))
+
+
+def run_empty_stream_readers(spec: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
+    uvloop.run(_read_empty_streams(spec, ready, go, results))

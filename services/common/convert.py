@@ -24,6 +24,14 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     )
 
 
+def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
+    """Write `value` into a message's Timestamp field in place: on list paths this
+    beats building a Timestamp and copying it into its parent (to_timestamp)."""
+    delta = value - _EPOCH
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
+
+
 def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
     if value is None:
         return None

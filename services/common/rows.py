@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
+from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 
 Row = TypeVar("Row")
@@ -59,6 +60,25 @@ def masked_update(table: str, columns: Sequence[str], returning: str) -> str:
     return f"UPDATE {table} SET {assignments} WHERE id = $1 RETURNING {returning}"  # noqa: S608
 
 
+# Per row type (and exclusions and renames): one C-level getter of its columns
+# by name, in field order, so a row is built positionally without a dict.
+_GETTERS: dict[tuple[type[Any], frozenset[str], tuple[tuple[str, str], ...]], itemgetter[Any]] = {}
+
+
+def _getter(
+    row_type: type[Any], exclude: frozenset[str], renamed: tuple[tuple[str, str], ...]
+) -> itemgetter[Any]:
+    key = (row_type, exclude, renamed)
+    getter = _GETTERS.get(key)
+    if getter is None:
+        columns = dict(renamed)
+        names = [columns.get(name, name) for name in field_names(row_type, exclude=exclude)]
+        if len(names) < 2:  # itemgetter of one name returns the value, not a tuple
+            raise TypeError(f"{row_type.__name__}: a row type has two columns at least")
+        getter = _GETTERS[key] = itemgetter(*names)
+    return getter
+
+
 def row_of(
     row_type: type[Row],
     record: Record,
@@ -68,8 +88,5 @@ def row_of(
 ) -> Row:
     """A `row_type` from `record` by column name (the record may carry more columns).
     `renamed` maps a field to the column holding it when a join renamed it."""
-    names = renamed or {}
-    values = {
-        name: record[names.get(name, name)] for name in field_names(row_type, exclude=exclude)
-    }
-    return row_type(**values)
+    getter = _getter(row_type, exclude, tuple(renamed.items()) if renamed else ())
+    return row_type(*getter(record))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from chat.v1 import messages_pb2
+from google.protobuf import struct_pb2
 
-from services.common.convert import to_struct, to_timestamp
+from services.common.convert import set_timestamp
 from services.messages.cursor import encode_cursor
 from services.messages.store import AttachmentRow, MessageRow, ThreadEvent
 
@@ -19,35 +21,58 @@ STATUS_TO_PROTO = {
 
 
 def attachment_to_proto(row: AttachmentRow) -> messages_pb2.Attachment:
-    return messages_pb2.Attachment(
-        id=str(row.id),
-        message_id=str(row.message_id),
-        url=row.url,
-        type=row.type,
-        name=row.name,
-        size=row.size,
-        metadata=to_struct(row.metadata),
-        created_at=to_timestamp(row.created_at),
-    )
+    message = messages_pb2.Attachment()
+    fill_attachment(message, row)
+    return message
 
 
 def message_to_proto(row: MessageRow) -> messages_pb2.Message:
+    message = messages_pb2.Message()
+    fill_message(message, row)
+    return message
+
+
+# The fill_* functions write a row into a message in place (a repeated field's
+# new element, or a fresh message): no intermediate messages built and copied
+# into their parent, about half the CPU of doing so on list paths.
+
+
+def fill_attachment(message: messages_pb2.Attachment, row: AttachmentRow) -> None:
+    message.id = str(row.id)
+    message.message_id = str(row.message_id)
+    message.url = row.url
+    message.type = row.type
+    message.name = row.name
+    message.size = row.size
+    _set_struct(message.metadata, row.metadata)
+    set_timestamp(message.created_at, row.created_at)
+
+
+def fill_message(message: messages_pb2.Message, row: MessageRow) -> None:
     deleted = row.status == "deleted"
-    return messages_pb2.Message(
-        id=str(row.id),
-        thread_id=str(row.thread_id),
-        user_id=str(row.user_id),
-        content="" if deleted else row.content,
-        parent_id=str(row.parent_id) if row.parent_id else "",
-        status=STATUS_TO_PROTO[row.status],
-        metadata=None if deleted else to_struct(row.metadata),
-        attachments=[] if deleted else [attachment_to_proto(a) for a in row.attachments],
-        created_at=to_timestamp(row.created_at),
-        updated_at=to_timestamp(row.updated_at),
-        # Resuming from the creation replays every later event: a safe resume
-        # point whatever happened to the message since (see messages.proto).
-        cursor=encode_cursor(row.thread_id, row.seq),
-    )
+    message.id = str(row.id)
+    message.thread_id = str(row.thread_id)
+    message.user_id = str(row.user_id)
+    if row.parent_id is not None:
+        message.parent_id = str(row.parent_id)
+    message.status = STATUS_TO_PROTO[row.status]
+    if not deleted:  # a tombstone shows no content, metadata or attachments
+        message.content = row.content
+        _set_struct(message.metadata, row.metadata)
+        for attachment in row.attachments:
+            fill_attachment(message.attachments.add(), attachment)
+    set_timestamp(message.created_at, row.created_at)
+    set_timestamp(message.updated_at, row.updated_at)
+    # Resuming from the creation replays every later event: a safe resume
+    # point whatever happened to the message since (see messages.proto).
+    message.cursor = encode_cursor(row.thread_id, row.seq)
+
+
+def _set_struct(target: struct_pb2.Struct, value: dict[str, Any] | None) -> None:
+    """JSON metadata into a message's Struct field; None leaves it unset, {} sets it empty."""
+    if value is not None:
+        target.SetInParent()
+        target.update(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ from services.common.pagination import ID, TIME_ID, PageCodec, PageKind, page_si
 from services.common.server import Runtime
 from services.common.thread_protos import (
     ROLE_FROM_PROTO,
+    fill_participant,
+    fill_thread,
     participant_to_proto,
     thread_to_proto,
 )
@@ -131,18 +133,14 @@ class ThreadsServicer(threads_pb2_grpc.ThreadsServiceServicer):
             limit=page.fetch,
         )
         rows, token = page.finish(found, lambda row: (row.activity_at, row.thread.id))
-        return threads_pb2.ListThreadsResponse(
-            threads=[
-                threads_pb2.InboxThread(
-                    thread=thread_to_proto(r.thread),
-                    participant=participant_to_proto(r.participant),
-                    unread_count=min(r.unread, INT32_MAX),
-                    unread_count_capped=False,  # deprecated: counts are exact
-                )
-                for r in rows
-            ],
-            next_page_token=token,
-        )
+        response = threads_pb2.ListThreadsResponse(next_page_token=token)
+        for row in rows:
+            item = response.threads.add()  # filled in place (thread_protos.fill_*)
+            fill_thread(item.thread, row.thread)
+            fill_participant(item.participant, row.participant)
+            item.unread_count = min(row.unread, INT32_MAX)
+            # unread_count_capped stays false: deprecated, counts are exact.
+        return response
 
     async def UpdateThread(
         self, request: threads_pb2.UpdateThreadRequest, context: Context

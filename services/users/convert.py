@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from chat.v1 import users_pb2
 
-from services.common.convert import to_timestamp
+from services.common.convert import set_timestamp
 from services.users.store import UserRow
 
 
 def user_to_proto(row: UserRow) -> users_pb2.User:
-    return users_pb2.User(
-        id=str(row.id),
-        email=row.email,
-        username=row.username,
-        first_name=row.first_name or "",
-        last_name=row.last_name or "",
-        profile_image=row.profile_image or "",
-        is_active=row.is_active,
-        last_login_at=to_timestamp(row.last_login_at),
-        created_at=to_timestamp(row.created_at),
-        updated_at=to_timestamp(row.updated_at),
-    )
+    message = users_pb2.User()
+    fill_user(message, row)
+    return message
+
+
+def fill_user(message: users_pb2.User, row: UserRow) -> None:
+    """`row` written into `message` in place (no Timestamps built and copied in)."""
+    message.id = str(row.id)
+    message.email = row.email
+    message.username = row.username
+    message.first_name = row.first_name or ""
+    message.last_name = row.last_name or ""
+    message.profile_image = row.profile_image or ""
+    message.is_active = row.is_active
+    if row.last_login_at is not None:
+        set_timestamp(message.last_login_at, row.last_login_at)
+    set_timestamp(message.created_at, row.created_at)
+    set_timestamp(message.updated_at, row.updated_at)

@@ -18,7 +18,7 @@ from services.common.server import Runtime
 from services.common.types import Context
 from services.common.validation import Violations, parse_uuid
 from services.users import policy, store
-from services.users.convert import user_to_proto
+from services.users.convert import fill_user, user_to_proto
 from services.users.validation import (
     BATCH_GET_MAX,
     QUERY_MAX,
@@ -59,7 +59,9 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         self, request: users_pb2.GetUserRequest, context: Context
     ) -> users_pb2.GetUserResponse:
         row = await self._pool.run(store.get_user, parse_uuid(request.id, "id"))
-        return users_pb2.GetUserResponse(user=user_to_proto(row))
+        response = users_pb2.GetUserResponse()
+        fill_user(response.user, row)
+        return response
 
     async def LookupUser(
         self, request: users_pb2.LookupUserRequest, context: Context
@@ -89,10 +91,13 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
         violations.raise_if_any()
         wanted = [i for i in ids if i is not None]
         found = await self._pool.run(store.batch_get_users, wanted)
-        return users_pb2.BatchGetUsersResponse(
-            users=[user_to_proto(found[i]) for i in wanted if i in found],
-            missing_ids=[str(i) for i in wanted if i not in found],
+        response = users_pb2.BatchGetUsersResponse(
+            missing_ids=[str(i) for i in wanted if i not in found]
         )
+        for i in wanted:
+            if i in found:
+                fill_user(response.users.add(), found[i])
+        return response
 
     async def ListUsers(
         self, request: users_pb2.ListUsersRequest, context: Context
@@ -112,9 +117,10 @@ class UsersServicer(users_pb2_grpc.UsersServiceServicer):
             limit=page.fetch,
         )
         listed, token = page.finish(found, lambda item: item.sort_key)
-        return users_pb2.ListUsersResponse(
-            users=[user_to_proto(item.user) for item in listed], next_page_token=token
-        )
+        response = users_pb2.ListUsersResponse(next_page_token=token)
+        for item in listed:
+            fill_user(response.users.add(), item.user)
+        return response
 
     async def UpdateUser(
         self, request: users_pb2.UpdateUserRequest, context: Context

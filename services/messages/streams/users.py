@@ -118,8 +118,13 @@ class UserStreams:
         self._wake.set()
 
     def writes_committed(self) -> None:
-        """Something was written (a thread's notification): number it now."""
-        self._sequence_now.set()
+        """Something was written (a thread's notification): number it now if this
+        process has user streams waiting for it. Without any, the next tick
+        (USER_LOG_TICK) numbers it: a process with streams is woken by the same
+        write's notification and numbers it at once, so a send costs no numbering
+        round trip in a process nobody streams from."""
+        if self._open:
+            self._sequence_now.set()
 
     def notifications_lost(self) -> None:
         self._sequence_now.set()

@@ -87,7 +87,7 @@ def fit_page(
     """
     rows = rows[:size]
     messages = serialized.serialized(
-        [r.key for r in rows], lambda i: message_to_proto(rows[i].row()).SerializeToString()
+        [r.version for r in rows], lambda i: message_to_proto(rows[i].row()).SerializeToString()
     )
     served: list[bytes] = []
     total = PAGE_TOKEN_RESERVE

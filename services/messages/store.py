@@ -406,7 +406,7 @@ class PageRow:
     (with attachments) only when `row()` builds it, which a cached serialisation
     of the same version spares (message_cache.py)."""
 
-    key: tuple[UUID, int]  # (id, change_seq): the message's version
+    version: tuple[UUID, int, datetime]  # (id, change_seq, updated_at)
     position: Position
     record: asyncpg.Record
 
@@ -437,7 +437,10 @@ async def _bounded_page(conn: DbConnection, sql: str, *args: object, window: Win
     position, the row limit and the byte budget (see _bounded)."""
     after = window.after or (None, None)
     records = await conn.fetch(sql, *args, *after, window.limit, window.max_bytes)
-    rows = [PageRow((r["id"], r["change_seq"]), (r["created_at"], r["id"]), r) for r in records]
+    rows = [
+        PageRow((r["id"], r["change_seq"], r["updated_at"]), (r["created_at"], r["id"]), r)
+        for r in records
+    ]
     return Page(rows, int(records[0]["fetched"]) if records else 0)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -22,7 +23,7 @@ from google.protobuf import field_mask_pb2, struct_pb2
 
 from services.common.settings import ServiceSettings
 from services.messages import paging
-from services.messages.message_cache import ENTRY_OVERHEAD, SerializedMessages
+from services.messages.message_cache import ENTRY_OVERHEAD, SerializedMessages, Version
 from services.messages.service import DEFINITION
 from services.users import store as users_store
 from tests.conftest import running
@@ -73,33 +74,40 @@ def test_list_response_framing_equals_protobufs_own(response_type: type[Any]) ->
 
 
 def test_the_cache_keeps_within_its_bytes_and_builds_each_version_once() -> None:
-    limit = 100 * 1024  # about 77 entries of 1,000 bytes: a page of 50 fits
+    limit = 100 * 1024  # about 73 entries of 1,000 bytes: a page of 50 fits
     cache = SerializedMessages(limit)
-    built: list[tuple[uuid.UUID, int]] = []
+    built: list[Version] = []
+    at = datetime(2026, 11, 28, tzinfo=UTC)
 
-    def page(keys: list[tuple[uuid.UUID, int]], size: int) -> list[bytes]:
+    def page(versions: list[Version], size: int) -> list[bytes]:
         def build(i: int) -> bytes:
-            built.append(keys[i])
+            built.append(versions[i])
             return bytes(size)
 
-        return cache.serialized(keys, build)
+        return cache.serialized(versions, build)
 
     ids = [uuid.uuid4() for _ in range(400)]
     for start in range(0, 400, 50):
-        keys = [(i, 1) for i in ids[start : start + 50]]
-        assert page(keys, 1_000) == [bytes(1_000)] * 50
+        versions = [(i, 1, at) for i in ids[start : start + 50]]
+        assert page(versions, 1_000) == [bytes(1_000)] * 50
         assert cache.size <= limit
     assert cache.size > limit - (1_000 + ENTRY_OVERHEAD)  # full, not emptied
     # The most recent page is served from the cache; a new version is built.
     built.clear()
-    recent = [(i, 1) for i in ids[-50:]]
-    page(recent, 1_000)
+    page([(i, 1, at) for i in ids[-50:]], 1_000)
     assert built == []
-    page([(ids[-1], 2)], 1_000)
-    assert built == [(ids[-1], 2)]
+    page([(ids[-1], 2, at)], 1_000)
+    assert built == [(ids[-1], 2, at)]
+    # The same position with another updated_at (a position reused after a
+    # restore from backup) is a miss, then the new content is kept.
+    built.clear()
+    later = at + timedelta(microseconds=1)
+    assert page([(ids[-2], 1, later)], 7) == [bytes(7)]
+    assert page([(ids[-2], 1, later)], 7) == [bytes(7)]
+    assert built == [(ids[-2], 1, later)]
     # A value larger than the whole cache is served but never kept.
     built.clear()
-    huge = (uuid.uuid4(), 1)
+    huge = (uuid.uuid4(), 1, at)
     page([huge], limit)
     page([huge], limit)
     assert built == [huge, huge]

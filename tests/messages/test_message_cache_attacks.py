@@ -610,12 +610,6 @@ async def test_grpcurl_decodes_every_list_rpc_served_from_cached_bytes(
                 assert json.loads(out)  # well-formed JSON
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ENTRY_OVERHEAD (400) undercounts: a full cache of small messages holds "
-    "about 1.4x MESSAGE_CACHE_BYTES once entries churn (three dicts' slack in "
-    "cachetools.LRUCache, plus the key's tuple, asyncpg UUID and int)",
-)
 async def test_a_full_cache_holds_no_more_memory_than_message_cache_bytes(
     db_pool: asyncpg.Pool,
 ) -> None:
@@ -632,10 +626,10 @@ async def test_a_full_cache_holds_no_more_memory_than_message_cache_bytes(
             base = tracemalloc.get_traced_memory()[0]
             for _ in range(2 * limit // (payload + 400) // 200 + 1):
                 records = await conn.fetch(
-                    "SELECT gen_random_uuid() AS id, (random() * 1e12)::bigint AS change_seq"
-                    " FROM generate_series(1, 200)"
+                    "SELECT gen_random_uuid() AS id, (random() * 1e12)::bigint AS change_seq,"
+                    " clock_timestamp() AS updated_at FROM generate_series(1, 200)"
                 )
-                keys = [(r["id"], r["change_seq"]) for r in records]
+                keys = [(r["id"], r["change_seq"], r["updated_at"]) for r in records]
                 cache.serialized(keys, lambda i: bytes(payload))
                 del records, keys
             gc.collect()

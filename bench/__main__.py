@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from bench.seed import Seeded, seed
 from db.migrations import load_migrations
 from db.runner import Migrator
 from devtools.databases import with_database
+from devtools.ports import free_port
 from devtools.processes import SETTINGS_VARIABLES, ServiceProcess, start_service_process
 from services.common import settings as service_settings
 from services.common.embedded import EmbeddedPostgres
@@ -249,12 +249,6 @@ def git_state() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head} + {len(changed)} changed files" if changed else head
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -20,8 +20,8 @@ serialised size plus ENTRY_OVERHEAD for its key and bookkeeping, and the least
 recently used entries leave first. One OrderedDict keyed by a single int, not
 cachetools.LRUCache: that keeps three dicts and a tuple key per entry, about 710
 bytes of overhead each once entries churn, against about 390 here (both measured
-with tracemalloc, keys from asyncpg records, 300-byte payloads). Hits and misses are Prometheus counters that `make bench
---metrics` reads (bench/caches.py).
+with tracemalloc, keys from asyncpg records, 300-byte payloads). Hits and misses
+are Prometheus counters that `make bench --metrics` reads (bench/caches.py).
 """
 
 from __future__ import annotations

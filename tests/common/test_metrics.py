@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.ports import free_port
 from services.common.settings import ServiceSettings
 from tests.conftest import running
 from tests.probe_service import PROBE, call
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _scrape(port: int) -> str:
@@ -31,7 +24,7 @@ async def _served_metrics(database_url: str) -> str:
     before the endpoint binds it (the service's own gRPC port 0 may get it), in
     which case the service serves without metrics: then again, on another port."""
     for _ in range(5):
-        port = _free_port()
+        port = free_port()
         settings = ServiceSettings(
             DATABASE_URL=database_url, GRPC_HOST="127.0.0.1", METRICS_PORT=port
         )
@@ -70,7 +63,7 @@ async def test_metrics_bind_the_interface_grpc_binds(database_url: str) -> None:
         ({"GRPC_HOST": "[::]", "METRICS_HOST": "127.0.0.1"}, "127.0.0.1"),
         ({"GRPC_HOST": "[::1]"}, "::1"),
     ):
-        port = _free_port()
+        port = free_port()
         settings = ServiceSettings(DATABASE_URL=database_url, METRICS_PORT=port, **env)  # type: ignore[arg-type]
         async with running(PROBE, settings):
             listening = {

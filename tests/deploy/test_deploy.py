@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.ports import free_port
 from devtools.processes import ServiceProcess, start_service_process
 from services.common import tracing
 from services.common.server import LIVENESS
@@ -228,13 +228,6 @@ def _names_of(families: str) -> set[str]:
     return names
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         body: bytes = reply.read()
@@ -244,7 +237,7 @@ def _scrape(port: int) -> str:
 @pytest.fixture
 async def exported_metrics(database_url: str) -> set[str]:
     """Every series name the three services export, read from their /metrics."""
-    ports = {name: _free_port() for name in SERVICES}
+    ports = {name: free_port() for name in SERVICES}
     procs: list[ServiceProcess] = []
     try:
         for name, port in ports.items():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from chat.v1 import messages_pb2, messages_pb2_grpc, threads_pb2_grpc, users_pb2, users_pb2_grpc
 
+from devtools.ports import free_port
 from devtools.processes import ServiceProcess, start_service_process
 from tests.postgres import DatabaseFactory
 from tests.rpc_errors import as_user
@@ -72,13 +72,6 @@ async def system(database_factory: DatabaseFactory) -> AsyncIterator[Addresses]:
                 print(f"{proc.name} exited {proc.process.returncode}:", *proc.log[-30:], sep="")
             await proc.stop()
         await database_factory.drop(url)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

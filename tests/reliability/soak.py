@@ -58,9 +58,10 @@ from chat.v1 import (
 from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.ports import free_port
 from devtools.processes import REPO, ServiceProcess, start_service_process
 from services.common.settings import DatabaseSettings
-from tests.integration.conftest import Clients, free_port, open_live_stream
+from tests.integration.conftest import Clients, open_live_stream
 from tests.postgres import migrate
 from tests.rpc_errors import as_user
 

@@ -28,8 +28,8 @@ from chat.v1 import (
 )
 from google.rpc import error_details_pb2
 
+from devtools.ports import free_port
 from devtools.processes import ServiceProcess, start_service_process
-from tests.integration.conftest import free_port
 from tests.postgres import DatabaseFactory
 from tests.reliability.seeding import seed
 from tests.reliability.soak import scrape

@@ -2,13 +2,14 @@
 
 A listing (ListMessages, ListReplies, ListUserMessages, SearchMessages) serves
 each message in one form: its row converted by convert.message_to_proto, the
-cursor at its creation. That form depends on the row alone, and every change to
-a message row moves its `change_seq` (an edit, a delete, an attachment added, its
-parent forgotten: each is a stream event at that position, the streams' own
-invariant, db/functions/positions.sql). So `(id, change_seq)` names one
-serialisation for good, and a page of messages already served is answered from
-their bytes: no row object, no protobuf built or serialised again. A new version
-has a new key; the old one ages out.
+cursor at its creation, framed as an element of the response's `messages` field
+(paging.element; the four responses share the field number). That form depends
+on the row alone, and every change to a message row moves its `change_seq` (an
+edit, a delete, an attachment added, its parent forgotten: each is a stream
+event at that position, the streams' own invariant, db/functions/positions.sql).
+So `(id, change_seq)` names one serialisation for good, and a page of messages
+already served is answered from their bytes: no row object, no protobuf built or
+serialised again. A new version has a new key; the old one ages out.
 
 A version is also checked against its `updated_at`, which every write moves
 forward: should a position ever be reused for other content (a database

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from chat.v1 import messages_pb2
+
 from services.common.pagination import (
     TIME_ID,
     PageCodec,
@@ -82,32 +84,38 @@ def fit_page(
 
     `rows` are the page's rows in order, `fetched` how many rows the page query
     found (at most size + 1; more than `rows` when the store stopped on bytes).
-    Returns the messages serialised and the position of the last one served when
-    more rows follow it (the next page token's), else None.
+    Returns the messages as elements of the response's `messages` field (framed,
+    see `element`) and the position of the last one served when more rows follow
+    it (the next page token's), else None.
     """
     rows = rows[:size]
-    messages = serialized.serialized(
-        [r.version for r in rows], lambda i: message_to_proto(rows[i].row()).SerializeToString()
+    elements = serialized.serialized(
+        [r.version for r in rows], lambda i: element(message_to_proto(rows[i].row()))
     )
     served: list[bytes] = []
     total = PAGE_TOKEN_RESERVE
-    for message in messages:
-        cost = repeated_field_size(len(message))
-        if served and total + cost > max_bytes:
+    for framed in elements:
+        if served and total + len(framed) > max_bytes:
             break
-        served.append(message)
-        total += cost
+        served.append(framed)
+        total += len(framed)
     more = len(served) < fetched
     return served, rows[len(served) - 1].position if served and more else None
 
 
-def list_response(messages: list[bytes], next_page_token: str) -> bytes:
+def element(message: messages_pb2.Message) -> bytes:
+    """`message` as one element of a list response's `messages` field: tag, length,
+    body. What the cache keeps, so a page is the concatenation of its elements."""
+    return length_delimited(MESSAGES_FIELD, message.SerializeToString())
+
+
+def list_response(elements: list[bytes], next_page_token: str) -> bytes:
     """A serialised list response (ListMessagesResponse and its three twins, which
-    all hold `repeated Message messages = 1; string next_page_token = 2;`)."""
-    fields = [length_delimited(MESSAGES_FIELD, m) for m in messages]
-    if next_page_token:
-        fields.append(length_delimited(NEXT_PAGE_TOKEN_FIELD, next_page_token.encode()))
-    return b"".join(fields)
+    all hold `repeated Message messages = 1; string next_page_token = 2;`) from
+    its messages' elements (`element`)."""
+    if not next_page_token:
+        return b"".join(elements)
+    return b"".join(elements) + length_delimited(NEXT_PAGE_TOKEN_FIELD, next_page_token.encode())
 
 
 @dataclass(frozen=True)

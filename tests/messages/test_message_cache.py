@@ -68,7 +68,7 @@ def test_list_response_framing_equals_protobufs_own(response_type: type[Any]) ->
     ]:
         messages = [_message(rng, size) for size in sizes]
         expected = response_type(messages=messages, next_page_token=token).SerializeToString()
-        built = paging.list_response([m.SerializeToString() for m in messages], token)
+        built = paging.list_response([paging.element(m) for m in messages], token)
         assert built == expected
         assert response_type.FromString(built).messages == messages
 

@@ -831,56 +831,82 @@ async def pgbench(bench: Bench, url: str) -> None:
     # transaction, streams woken after commit), then with the NOTIFY in the
     # transaction as before issue 18 (the ceiling it raised), then without the user
     # streams' log (its two triggers off for that run only): what each costs.
+    # Interleaved rounds (--repeats), medians reported; each variant's ratio is the
+    # median of its rounds' throughput against the first variant's in the same round.
     as_service = " ".join(f"-c {k}={v}" for k, v in MESSAGES.session_settings.items())
-    for setting, log_on, options in (
+    variants = (
         ("32 clients, as the service sends (wake-ups after commit)", True, as_service),
         ("32 clients, NOTIFY in the transaction (before issue 18)", True, ""),
         ("32 clients, as the service sends, no log", False, as_service),
-    ):
-        conn = await asyncpg.connect(url)
-        await conn.execute(LOG_TRIGGERS_ON if log_on else LOG_TRIGGERS_OFF)
-        await conn.close()
-        # pgbench's backends are gone when it ends: PostgreSQL's CPU is the tree's
-        # (the postmaster keeps its reaped children's CPU); pgbench's own is that
-        # of this process's reaped children.
-        target = cpu.Target()
-        before = await bench.probe.snapshot(target)
-        client_before = cpu.rusage_children_s()
-        result = await asyncio.to_thread(
-            subprocess.run,
-            command,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "PGOPTIONS": options},
-        )
-        client_s = cpu.rusage_children_s() - client_before
-        after = await bench.probe.snapshot(target)
-        tps = re.search(r"tps = ([\d.]+)", result.stdout)
-        latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
-        done = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
-        if tps is None or latency is None:
-            say(f"pgbench failed: {result.stderr.strip()[:300]}")
-            continue
-        calls = int(done.group(1)) if done else 0
-        usage = cpu.Probe.usage(before, after, target)
-        bench.add(
-            report.Figure(
-                "pgbench -M prepared send function",
-                setting,
-                float(tps.group(1)),
-                float(latency.group(1)),
-                float("nan"),
-                note="p50 column: pgbench's average latency; PostgreSQL CPU: the "
-                "whole tree over pgbench's run, connections included",
-                calls=calls,
-                client_cpu_us=cpu.per_call_us(client_s, calls),
-                db_tree_cpu_us=cpu.per_call_us(usage.db_tree_s, calls),
-            )
-        )
+    )
+    rounds: dict[str, list[report.Figure]] = {setting: [] for setting, *_ in variants}
+    for n in range(bench.args.repeats):
+        say(f"pgbench, round {n + 1} of {bench.args.repeats}")
+        for setting, log_on, options in variants:
+            figure = await _pgbench_once(bench, url, command, setting, log_on, options)
+            if figure is not None:
+                rounds[setting].append(figure)
+        first = rounds[variants[0][0]]
+        for setting, *_ in variants[1:]:
+            done = rounds[setting]
+            if first and done and len(done) == len(first) and first[-1].throughput:
+                done[-1].ratio = done[-1].throughput / first[-1].throughput
+    for setting, *_ in variants:
+        if rounds[setting]:
+            figure = report.median_figure(rounds[setting])
+            if setting != variants[0][0]:
+                figure.ceiling = "as the service sends, same round"
+            bench.add(figure)
     conn = await asyncpg.connect(url)
     await conn.execute(LOG_TRIGGERS_ON)
     await conn.close()
+
+
+async def _pgbench_once(
+    bench: Bench, url: str, command: list[str], setting: str, log_on: bool, options: str
+) -> report.Figure | None:
+    """One pgbench window of the send function in one variant (session options, the
+    user streams' log triggers on or off)."""
+    conn = await asyncpg.connect(url)
+    await conn.execute(LOG_TRIGGERS_ON if log_on else LOG_TRIGGERS_OFF)
+    await conn.close()
+    # pgbench's backends are gone when it ends: PostgreSQL's CPU is the tree's
+    # (the postmaster keeps its reaped children's CPU); pgbench's own is that
+    # of this process's reaped children.
+    target = cpu.Target()
+    before = await bench.probe.snapshot(target)
+    client_before = cpu.rusage_children_s()
+    result = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PGOPTIONS": options},
+    )
+    client_s = cpu.rusage_children_s() - client_before
+    after = await bench.probe.snapshot(target)
+    tps = re.search(r"tps = ([\d.]+)", result.stdout)
+    latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
+    done = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
+    if tps is None or latency is None:
+        say(f"pgbench failed: {result.stderr.strip()[:300]}")
+        return None
+    calls = int(done.group(1)) if done else 0
+    usage = cpu.Probe.usage(before, after, target)
+    say(f"pgbench [{setting}]: {float(tps.group(1)):,.0f} tps")
+    return report.Figure(
+        "pgbench -M prepared send function",
+        setting,
+        float(tps.group(1)),
+        float(latency.group(1)),
+        float("nan"),
+        note="p50 column: pgbench's average latency; PostgreSQL CPU: the "
+        "whole tree over pgbench's run, connections included",
+        calls=calls,
+        client_cpu_us=cpu.per_call_us(client_s, calls),
+        db_tree_cpu_us=cpu.per_call_us(usage.db_tree_s, calls),
+    )
 
 
 def workers_supported() -> bool:

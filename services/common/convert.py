@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message as ProtoMessage
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -22,6 +24,24 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(
         seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
     )
+
+
+Message = TypeVar("Message", bound=ProtoMessage)
+Row = TypeVar("Row")
+
+
+def built(message_type: type[Message], fill: Callable[[Message, Row], None], row: Row) -> Message:
+    """A new `message_type` with `row` written into it by `fill`.
+
+    Each service's convert module has `fill_*` functions that write a row into a
+    message in place (a fresh one, or the element a list response's repeated
+    field just added): a page then builds no intermediate messages and copies
+    none into its parent, about half the CPU of building and copying them. This
+    is their whole-message form.
+    """
+    message = message_type()
+    fill(message, row)
+    return message
 
 
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:

@@ -9,7 +9,7 @@ from uuid import UUID
 from chat.v1 import messages_pb2
 from google.protobuf import struct_pb2
 
-from services.common.convert import set_timestamp
+from services.common.convert import built, set_timestamp
 from services.messages.cursor import encode_cursor
 from services.messages.store import AttachmentRow, MessageRow, ThreadEvent
 
@@ -20,21 +20,7 @@ STATUS_TO_PROTO = {
 }
 
 
-def attachment_to_proto(row: AttachmentRow) -> messages_pb2.Attachment:
-    message = messages_pb2.Attachment()
-    fill_attachment(message, row)
-    return message
-
-
-def message_to_proto(row: MessageRow) -> messages_pb2.Message:
-    message = messages_pb2.Message()
-    fill_message(message, row)
-    return message
-
-
-# The fill_* functions write a row into a message in place (a repeated field's
-# new element, or a fresh message): no intermediate messages built and copied
-# into their parent, about half the CPU of doing so on list paths.
+# Rows are written into messages in place: services/common/convert.py `built`.
 
 
 def fill_attachment(message: messages_pb2.Attachment, row: AttachmentRow) -> None:
@@ -46,6 +32,10 @@ def fill_attachment(message: messages_pb2.Attachment, row: AttachmentRow) -> Non
     message.size = row.size
     _set_struct(message.metadata, row.metadata)
     set_timestamp(message.created_at, row.created_at)
+
+
+def attachment_to_proto(row: AttachmentRow) -> messages_pb2.Attachment:
+    return built(messages_pb2.Attachment, fill_attachment, row)
 
 
 def fill_message(message: messages_pb2.Message, row: MessageRow) -> None:
@@ -66,6 +56,10 @@ def fill_message(message: messages_pb2.Message, row: MessageRow) -> None:
     # Resuming from the creation replays every later event: a safe resume
     # point whatever happened to the message since (see messages.proto).
     message.cursor = encode_cursor(row.thread_id, row.seq)
+
+
+def message_to_proto(row: MessageRow) -> messages_pb2.Message:
+    return built(messages_pb2.Message, fill_message, row)
 
 
 def _set_struct(target: struct_pb2.Struct, value: dict[str, Any] | None) -> None:

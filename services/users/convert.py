@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from chat.v1 import users_pb2
 
-from services.common.convert import set_timestamp
+from services.common.convert import built, set_timestamp
 from services.users.store import UserRow
 
 
 def user_to_proto(row: UserRow) -> users_pb2.User:
-    message = users_pb2.User()
-    fill_user(message, row)
-    return message
+    return built(users_pb2.User, fill_user, row)
 
 
 def fill_user(message: users_pb2.User, row: UserRow) -> None:
-    """`row` written into `message` in place (no Timestamps built and copied in)."""
+    """`row` written into `message` in place (see services/common/convert.py `built`)."""
     message.id = str(row.id)
     message.email = row.email
     message.username = row.username

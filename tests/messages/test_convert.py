@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from chat.v1 import messages_pb2, threads_pb2
-from google.protobuf import struct_pb2, timestamp_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.access import ParticipantRow, ThreadRow
+from services.common.convert import to_struct, to_timestamp
 from services.common.thread_protos import ROLE_TO_PROTO, participant_to_proto, thread_to_proto
 from services.messages.convert import STATUS_TO_PROTO, message_to_proto
 from services.messages.cursor import encode_cursor
@@ -34,21 +33,11 @@ json_values = st.recursive(
 metadata = st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    delta = value - EPOCH
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
+# The oracle builds Timestamps whole, as the code before fill_* did.
+_ts = to_timestamp
 
 
-def _struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
-    if value is None:
-        return None
-    struct = struct_pb2.Struct()
-    struct.update(value)
-    return struct
+_struct = to_struct
 
 
 attachments = st.builds(

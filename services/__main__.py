@@ -24,6 +24,9 @@ from services.common.pool import CONNECT_FAILURES, connect, describe_connect_err
 from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, DatabaseSettings
 
 STARTUP_TIMEOUT_S = 30.0
+# After Ctrl-C, how long the services together get to drain (SHUTDOWN_GRACE_PERIOD,
+# 10 s by default, plus their shutdown hooks) before they are killed.
+STOP_TIMEOUT_S = 15.0
 METRICS_DELTA = DEFAULT_METRICS_PORTS["users"] - DEFAULT_PORTS["users"]
 
 
@@ -76,6 +79,23 @@ Ctrl-C stops everything.
 """
 
 
+def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every service at once (each drains within its SHUTDOWN_GRACE_PERIOD),
+    then kill whichever is still running STOP_TIMEOUT_S after, saying so: one
+    deadline for all, so Ctrl-C ends everything in bounded time."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"run: {name} did not stop within {STOP_TIMEOUT_S:.0f}s: killed", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops everything the way Ctrl-C does
 
@@ -125,14 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut cleanup short
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_all(procs)
         if embedded is not None:
             embedded.stop()
 

@@ -20,6 +20,7 @@ async def test_run_starts_embedded_database_and_three_services(tmp_path: Path) -
     offset = random.randrange(2000, 9000)
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env["EMBEDDED_PGDATA"] = str(tmp_path / "pg")
+    log = tmp_path / "stderr.log"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -29,7 +30,8 @@ async def test_run_starts_embedded_database_and_three_services(tmp_path: Path) -
         cwd=REPO,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        # The services' logs, for the failure message: a pipe nobody reads could fill.
+        stderr=log.open("wb"),
     )
     assert proc.stdout is not None
     output = ""
@@ -45,8 +47,13 @@ async def test_run_starts_embedded_database_and_three_services(tmp_path: Path) -
             assert f"localhost:{port + offset}" in output
     finally:
         proc.send_signal(signal.SIGINT)
-        code = await asyncio.wait_for(proc.wait(), timeout=60)
-    assert code == 0
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout=60)
+        except TimeoutError:
+            proc.kill()
+            tail = log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"running 60 s after Ctrl-C; its log ends:\n{tail}") from None
+    assert code == 0, log.read_text(errors="replace")[-4000:]
     # Everything stopped, the embedded server included; its data stays for next time.
     assert not (tmp_path / "pg" / "postmaster.pid").exists()
     assert (tmp_path / "pg" / "PG_VERSION").exists()

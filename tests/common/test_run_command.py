@@ -16,6 +16,10 @@ from tests.conftest import health_status
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_run_starts_embedded_database_and_three_services(tmp_path: Path) -> None:
     offset = random.randrange(2000, 9000)
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -29,6 +33,10 @@ async def test_run_starts_embedded_database_and_three_services(tmp_path: Path) -
         str(offset),
         cwd=REPO,
         env=env,
+        # Ctrl-C as a terminal delivers it, even where this test runs with SIGINT
+        # ignored (a background job of a non-interactive shell; Python then keeps
+        # ignoring it and the stack never stops).
+        preexec_fn=_interruptible,
         stdout=asyncio.subprocess.PIPE,
         # The services' logs, for the failure message: a pipe nobody reads could fill.
         stderr=log.open("wb"),

